@@ -1,0 +1,193 @@
+"""Configuration of SALMONN and of its BEATs audio encoder."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig, WhisperConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class BeatsConfig(PreTrainedConfig):
+    r"""
+    Configuration of the BEATs audio encoder. The field names are those of the `cfg` dict stored in the
+    original Microsoft BEATs checkpoints, so `BeatsConfig(**checkpoint["cfg"])` reproduces the original
+    model. The defaults are the values of `BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt`, the encoder
+    that SALMONN was trained with.
+
+    Args:
+        input_patch_size (`int`): side of the square fbank patches (time x mel bins).
+        embed_dim (`int`): channels of the patch embedding.
+        conv_bias (`bool`): whether the patch embedding convolution has a bias.
+        encoder_layers (`int`): number of transformer layers.
+        encoder_embed_dim (`int`): hidden size of the transformer.
+        encoder_ffn_embed_dim (`int`): inner size of the feed-forward blocks.
+        encoder_attention_heads (`int`): attention heads per layer.
+        activation_fn (`str`): activation of the feed-forward blocks.
+        layer_wise_gradient_decay_ratio (`float`): gradient scale per layer (training only; identity forward).
+        layer_norm_first (`bool`): pre-LN layers instead of post-LN.
+        deep_norm (`bool`): DeepNet residual scaling `(2 * encoder_layers) ** 0.25`.
+        dropout, attention_dropout, activation_dropout, dropout_input (`float`): dropout probabilities.
+        encoder_layerdrop (`float`): probability of skipping a layer in training.
+        conv_pos (`int`): kernel of the convolutional position embedding.
+        conv_pos_groups (`int`): groups of that convolution.
+        relative_position_embedding (`bool`): bucketed relative position bias.
+        num_buckets (`int`): buckets of the relative position bias.
+        max_distance (`int`): distance at which the logarithmic buckets saturate.
+        gru_rel_pos (`bool`): gate the relative position bias per query.
+        finetuned_model, predictor_dropout, predictor_class: describe the AudioSet head of the original
+            checkpoint; kept for provenance, the head itself is not part of `BeatsModel`.
+        fbank_mean, fbank_std (`float`): statistics that normalise the Kaldi fbank input.
+    """
+
+    model_type = "salmonn_beats"
+    attribute_map = {
+        "hidden_size": "encoder_embed_dim",
+        "num_hidden_layers": "encoder_layers",
+        "num_attention_heads": "encoder_attention_heads",
+        "intermediate_size": "encoder_ffn_embed_dim",
+    }
+
+    input_patch_size: int = 16
+    embed_dim: int = 512
+    conv_bias: bool = False
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    activation_fn: str = "gelu"
+    layer_wise_gradient_decay_ratio: float = 0.6
+    layer_norm_first: bool = False
+    deep_norm: bool = True
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    encoder_layerdrop: float = 0.0
+    dropout_input: float = 0.0
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    relative_position_embedding: bool = True
+    num_buckets: int = 320
+    max_distance: int = 800
+    gru_rel_pos: bool = True
+    finetuned_model: bool = True
+    predictor_dropout: float = 0.0
+    predictor_class: int = 527
+    fbank_mean: float = 15.41663
+    fbank_std: float = 6.55582
+    initializer_range: float = 0.02
+
+
+class SalmonnConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SalmonnForConditionalGeneration`]: a Whisper encoder and a BEATs encoder whose
+    concatenated frames are cut into windows, each summarised by a Q-Former query and projected into a
+    LLaMA language model that carries LoRA. The defaults describe SALMONN-13B v1.
+
+    Args:
+        whisper_config (`WhisperConfig` or `dict`): the Whisper model whose encoder is the speech encoder.
+        beats_config (`BeatsConfig` or `dict`): the BEATs audio encoder.
+        qformer_config (`Blip2QFormerConfig` or `dict`): the window-level Q-Former; its
+            `encoder_hidden_size` is always set to Whisper's `d_model` plus BEATs' hidden size.
+        text_config (`LlamaConfig` or `dict`): the language model; `vocab_size` includes the `[PAD]` row.
+        num_query_tokens (`int`): learned queries per window (audio tokens per window).
+        second_per_window (`float`): window length in seconds on the 30 s / 1500 frame Whisper grid.
+        second_stride (`float`): hop between windows in seconds.
+        lora_rank, lora_alpha, lora_dropout (`int`, `int`, `float`): LoRA of the language model; the
+            scaling is `lora_alpha / lora_rank` (4.0 for the release).
+        lora_target_modules (`list[str]`): projections of the language model's attention that carry LoRA.
+        audio_token_index (`int`): id of the audio placeholder; it lies outside the language model's
+            vocabulary, so it changes no existing id and can never be generated.
+        ln_eps (`float`): epsilon of `ln_speech` and `ln_audio`.
+    """
+
+    model_type = "salmonn"
+    attribute_map = {"audio_token_id": "audio_token_index"}
+    sub_configs_defaults = {
+        "whisper_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="whisper",
+            init_kwargs={
+                "d_model": 1280,
+                "encoder_layers": 32,
+                "encoder_attention_heads": 20,
+                "encoder_ffn_dim": 5120,
+                "decoder_layers": 32,
+                "decoder_attention_heads": 20,
+                "decoder_ffn_dim": 5120,
+                "num_mel_bins": 80,
+                "vocab_size": 51865,
+            },
+        ),
+        "beats_config": SubConfigSpec(config_class=BeatsConfig),
+        "qformer_config": SubConfigSpec(config_class=Blip2QFormerConfig, init_kwargs={"num_hidden_layers": 2}),
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="llama",
+            init_kwargs={
+                "vocab_size": 32001,
+                "hidden_size": 5120,
+                "intermediate_size": 13824,
+                "num_hidden_layers": 40,
+                "num_attention_heads": 40,
+                "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 2048,
+                "pad_token_id": 0,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            },
+        ),
+    }
+
+    whisper_config: dict | PreTrainedConfig | None = None
+    beats_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 1
+    second_per_window: float = 0.333333
+    second_stride: float = 0.333333
+    lora_rank: int = 8
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list | None = None
+    audio_token_index: int = 32001
+    ln_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.lora_target_modules is None:
+            self.lora_target_modules = ["q_proj", "v_proj"]
+        # The Q-Former cross-attends to the concatenated Whisper + BEATs frames.
+        self.qformer_config.encoder_hidden_size = self.whisper_config.d_model + self.beats_config.encoder_embed_dim
+        self.qformer_config.cross_attention_frequency = 1
+        self.qformer_config.use_qformer_text_input = False
+        if self.second_per_window <= 0 or self.second_stride <= 0:
+            raise ValueError(
+                f"`second_per_window` and `second_stride` must be positive, got {self.second_per_window} and "
+                f"{self.second_stride}"
+            )
+        if self.window_kernel > self.whisper_config.max_source_positions:
+            raise ValueError(
+                f"`second_per_window`={self.second_per_window} gives a window of {self.window_kernel} frames, longer "
+                f"than the {self.whisper_config.max_source_positions} Whisper frames of a 30 s segment"
+            )
+
+    @property
+    def window_kernel(self) -> int:
+        """Frames per Q-Former window, on the 1500-frame grid of 30 s that the original hard-codes."""
+        return round(self.whisper_config.max_source_positions * self.second_per_window / 30.0)
+
+    @property
+    def window_stride(self) -> int:
+        return round(self.whisper_config.max_source_positions * self.second_stride / 30.0)
+
+    @property
+    def num_windows(self) -> int:
+        """Windows per 30 s segment; the last partial window is dropped, as `F.unfold` does in the original."""
+        return (self.whisper_config.max_source_positions - self.window_kernel) // self.window_stride + 1
+
+    @property
+    def audio_tokens_per_segment(self) -> int:
+        return self.num_windows * self.num_query_tokens
+
+
+__all__ = ["BeatsConfig", "SalmonnConfig"]

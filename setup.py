@@ -1,0 +1,47 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="salmonn",
+    version="0.1.0",
+    description="SALMONN (ICLR 2024) as a Hugging Face transformers model: conversion, inference, training, evaluation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_salmonn", "conversion", "training", "training.*", "inference", "evaluation"]),
+    package_data={"training": ["recipes/*", "prompts/*.json"], "conversion": ["*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=5.24,<6",
+        "peft>=0.21.2",
+        "accelerate>=1.10",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2"],
+        "train": ["datasets>=3"],
+        "eval": ["jiwer>=3", "sacrebleu>=2.4"],
+        "quant": ["optimum-quanto>=0.2.7"],
+        "demo": ["gradio>=5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "salmonn-demo=inference.demo:main",
+            "salmonn-convert=conversion.convert_salmonn:main",
+            "salmonn-convert-beats=conversion.convert_beats:main",
+            "salmonn-infer=inference.infer:main",
+            "salmonn-web=inference.web:main",
+            "salmonn-train=training.train:main",
+            "salmonn-eval=evaluation.evaluate:main",
+        ]
+    },
+)
