@@ -190,4 +190,6 @@ class SalmonnConfig(PreTrainedConfig):
         return self.num_windows * self.num_query_tokens
 
 
+SalmonnConfig.register_for_auto_class()
+
 __all__ = ["BeatsConfig", "SalmonnConfig"]

@@ -1,0 +1,412 @@
+"""Feature extractor of SALMONN: Whisper log-mel spectrograms and the Kaldi fbank that BEATs reads, from 16 kHz audio."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers.audio_utils import mel_filter_bank
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# BEATs reads Kaldi fbank frames of 25 ms every 10 ms at 16 kHz (torchaudio.compliance.kaldi.fbank defaults).
+KALDI_FRAME_LENGTH = 400
+KALDI_FRAME_SHIFT = 160
+KALDI_FFT_SIZE = 512  # 400 rounded up to a power of two
+KALDI_PREEMPHASIS = 0.97
+KALDI_LOW_FREQ = 20.0
+# Kaldi floors the mel energies at the float32 epsilon whatever the compute dtype.
+KALDI_LOG_FLOOR = float(np.finfo(np.float32).eps)
+# Segments are fed to BEATs at this many times the [-1, 1] waveform, as in BEATs' `preprocess`.
+KALDI_WAVEFORM_SCALE = 2**15
+# Segments are processed this many at a time, which bounds the float64 fbank memory for long audio.
+EXTRACT_CHUNK = 8
+
+
+@functools.lru_cache(maxsize=8)
+def _whisper_mel_filters(feature_size: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
+    """Slaney mel filters of `WhisperFeatureExtractor`, as a float32 `[n_fft // 2 + 1, feature_size]` tensor."""
+    filters = mel_filter_bank(
+        num_frequency_bins=1 + n_fft // 2,
+        num_mel_filters=feature_size,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=sampling_rate,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(filters).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _kaldi_mel_banks(num_mel_bins: int, sampling_rate: int) -> torch.Tensor:
+    """
+    Kaldi's triangular mel filters (mel = 1127 ln(1 + f / 700), triangles in mel space from 20 Hz to Nyquist, no
+    normalisation) as a float64 `[KALDI_FFT_SIZE // 2 + 1, num_mel_bins]` tensor. The weights are computed in
+    float32, as Kaldi (BaseFloat) and torchaudio do, and only then widened, so that a float64 fbank uses the same
+    filter values as the original.
+    """
+    num_fft_bins = KALDI_FFT_SIZE // 2
+    nyquist = 0.5 * sampling_rate
+
+    def to_mel(freq):
+        return 1127.0 * math.log(1.0 + freq / 700.0)
+
+    mel_low, mel_high = to_mel(KALDI_LOW_FREQ), to_mel(nyquist)
+    mel_delta = (mel_high - mel_low) / (num_mel_bins + 1)
+    index = torch.arange(num_mel_bins, dtype=torch.float32).unsqueeze(1)
+    left = mel_low + index * mel_delta
+    center = mel_low + (index + 1.0) * mel_delta
+    right = mel_low + (index + 2.0) * mel_delta
+    bin_freqs = (sampling_rate / KALDI_FFT_SIZE) * torch.arange(num_fft_bins, dtype=torch.float32)
+    bin_mels = (1127.0 * torch.log(1.0 + bin_freqs / 700.0)).unsqueeze(0)
+    rising = (bin_mels - left) / (center - left)
+    falling = (right - bin_mels) / (right - center)
+    banks = torch.clamp(torch.minimum(rising, falling), min=0.0)  # [num_mel_bins, 256]
+    # The Nyquist bin gets no weight.
+    banks = torch.cat([banks, torch.zeros(num_mel_bins, 1)], dim=1)
+    return banks.to(torch.float64).T.contiguous()
+
+
+def _kaldi_povey_window(device: torch.device) -> torch.Tensor:
+    """Kaldi's default "povey" window: a symmetric Hann window to the power 0.85 (float64)."""
+    return torch.hann_window(KALDI_FRAME_LENGTH, periodic=False, dtype=torch.float64, device=device).pow(0.85)
+
+
+def kaldi_num_frames(num_samples: int) -> int:
+    """Fbank frames that fit completely in `num_samples` samples (Kaldi's `snip_edges=True`)."""
+    if num_samples < KALDI_FRAME_LENGTH:
+        return 0
+    return 1 + (num_samples - KALDI_FRAME_LENGTH) // KALDI_FRAME_SHIFT
+
+
+class SalmonnFeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Turns audio into SALMONN's two encoder inputs. Every audio is cut into 30 s segments (or, with
+    `truncation=True`, only its first 30 s is kept, as in the original code); each segment gives
+
+    - `input_features` `[80, 3000]`: the Whisper log-mel spectrogram of the segment zero-padded to 30 s, exactly
+      what `WhisperFeatureExtractor(feature_size=80)` computes;
+    - `input_values` `[T, 128]`: the normalised Kaldi fbank that BEATs reads (`torchaudio.compliance.kaldi.fbank`
+      of the waveform times 2**15 with 128 mel bins, then `(fbank - fbank_mean) / (2 * fbank_std)`), computed in
+      float64 like the original (which feeds soundfile's float64 waveform) and returned as float32;
+      `T = 1 + (samples - 400) // 160`. Segments of a batch are zero-padded to the longest one and
+      `input_values_mask` marks the real frames.
+
+    Audio is validated (finite, non-empty, mono or `[samples, channels]`), integer PCM is scaled to [-1, 1],
+    multichannel audio keeps channel 0 (as the original does) and other sampling rates are resampled to 16 kHz.
+    Segments shorter than `min_seconds` are zero-padded to it (the original's 1 s minimum).
+
+    Args:
+        feature_size (`int`): Whisper mel bins (80 for Whisper large-v2, 128 for large-v3).
+        sampling_rate (`int`): rate the encoders expect; only 16000 is meaningful for Whisper and BEATs.
+        hop_length (`int`): Whisper STFT hop.
+        chunk_length (`int`): segment length in seconds (Whisper's 30 s context).
+        n_fft (`int`): Whisper STFT size.
+        padding_value (`float`): waveform padding value (silence).
+        beats_num_mel_bins (`int`): mel bins of the BEATs fbank.
+        fbank_mean, fbank_std (`float`): BEATs fbank normalisation constants.
+        min_seconds (`float`): shorter segments are zero-padded to this length.
+        max_audio_seconds (`float`, *optional*): longest audio accepted without truncation (`None`: no limit).
+    """
+
+    model_input_names = ["input_features", "input_values", "input_values_mask"]
+
+    def __init__(
+        self,
+        feature_size: int = 80,
+        sampling_rate: int = 16000,
+        hop_length: int = 160,
+        chunk_length: int = 30,
+        n_fft: int = 400,
+        padding_value: float = 0.0,
+        beats_num_mel_bins: int = 128,
+        fbank_mean: float = 15.41663,
+        fbank_std: float = 6.55582,
+        min_seconds: float = 1.0,
+        max_audio_seconds: float | None = 600.0,
+        **kwargs,
+    ):
+        kwargs.setdefault("return_attention_mask", False)
+        super().__init__(
+            feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
+        )
+        self.hop_length = hop_length
+        self.chunk_length = chunk_length
+        self.n_fft = n_fft
+        self.beats_num_mel_bins = beats_num_mel_bins
+        self.fbank_mean = fbank_mean
+        self.fbank_std = fbank_std
+        self.min_seconds = min_seconds
+        self.max_audio_seconds = max_audio_seconds
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one segment (30 s)."""
+        return self.chunk_length * self.sampling_rate
+
+    @property
+    def nb_max_frames(self) -> int:
+        """Whisper frames of one segment (3000)."""
+        return self.n_samples // self.hop_length
+
+    # ------------------------------------------------------------------ validation and segmentation
+
+    def _as_mono_float64(self, audio, name: str) -> np.ndarray:
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu()
+            if audio.is_floating_point() and audio.dtype not in (torch.float32, torch.float64):
+                audio = audio.to(torch.float32)  # bfloat16 has no numpy dtype
+            audio = audio.numpy()
+        elif isinstance(audio, (list, tuple)):
+            try:
+                audio = np.asarray(audio)
+            except ValueError as err:
+                raise ValueError(f"{name}: cannot turn the given list into an array of samples: {err}") from err
+        if not isinstance(audio, np.ndarray):
+            raise ValueError(
+                f"{name}: expected a numpy array, a torch tensor or a list of samples, got {type(audio).__name__}"
+            )
+
+        if audio.ndim == 2:
+            if audio.shape[1] > audio.shape[0]:
+                raise ValueError(
+                    f"{name}: 2-D audio must be [samples, channels], got shape {tuple(audio.shape)}, which has more "
+                    "columns than rows and is probably [channels, samples]; transpose it (or pass a batch as a "
+                    "list of 1-D arrays)"
+                )
+            audio = audio[:, 0]  # channel 0, like the original loader (not a downmix)
+        elif audio.ndim != 1:
+            raise ValueError(
+                f"{name}: expected 1-D audio or a 2-D [samples, channels] array, got {audio.ndim} dimensions "
+                f"(shape {tuple(audio.shape)})"
+            )
+        if audio.shape[0] == 0:
+            raise ValueError(f"{name}: the audio is empty (0 samples)")
+
+        kind = audio.dtype.kind
+        if kind == "i":  # signed PCM: full scale is 2**(bits - 1)
+            audio = audio.astype(np.float64) / float(2 ** (8 * audio.dtype.itemsize - 1))
+        elif kind == "u":  # unsigned PCM (e.g. 8-bit WAV): centred on 2**(bits - 1)
+            half = float(2 ** (8 * audio.dtype.itemsize - 1))
+            audio = (audio.astype(np.float64) - half) / half
+        elif kind == "f":
+            audio = audio.astype(np.float64, copy=False)
+        else:
+            raise ValueError(f"{name}: expected float or integer PCM samples, got dtype {audio.dtype}")
+
+        finite = np.isfinite(audio)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(
+                f"{name}: the audio contains {bad.size} non-finite sample(s) (NaN or inf), the first at index "
+                f"{bad[0]}"
+            )
+        return audio
+
+    def _resample(self, audio: np.ndarray, sampling_rate: int, name: str) -> np.ndarray:
+        # soxr: a small maintained library, the one transformers' own `load_audio` and librosa (by default,
+        # "soxr_hq") resample with; "HQ" therefore gives the same samples as `librosa.load(path, sr=16000)`.
+        # torchaudio is not installable next to recent CPU torch builds and librosa is a heavy dependency.
+        try:
+            import soxr
+        except ImportError as err:
+            raise ImportError(
+                f"{name} is sampled at {sampling_rate} Hz and must be resampled to {self.sampling_rate} Hz, which "
+                "needs the `soxr` package: pip install soxr (or resample the audio to 16 kHz yourself)"
+            ) from err
+        return np.asarray(soxr.resample(audio, sampling_rate, self.sampling_rate, quality="HQ"), dtype=np.float64)
+
+    def to_segments(
+        self,
+        audio,
+        sampling_rate: int | None = None,
+        truncation: bool = False,
+        name: str = "audio",
+    ) -> list[np.ndarray]:
+        """
+        Validates one audio and cuts it into the float64 16 kHz segments that `extract` turns into features.
+
+        Args:
+            audio: a 1-D waveform or a `[samples, channels]` array (numpy, torch or list); float in [-1, 1] or
+                integer PCM.
+            sampling_rate: rate of `audio`; `None` assumes 16 kHz (with a warning).
+            truncation: keep only the first 30 s (the original's behaviour) instead of consecutive 30 s segments.
+            name: how errors refer to this audio.
+        """
+        if sampling_rate is None:
+            logger.warning(
+                f"No sampling_rate given for {name}; assuming {self.sampling_rate} Hz. Pass `sampling_rate` to "
+                "avoid silent errors."
+            )
+            sampling_rate = self.sampling_rate
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name}: sampling_rate must be a number of Hz, got {sampling_rate!r}")
+        if not (sampling_rate > 0 and float(sampling_rate).is_integer()):
+            raise ValueError(f"{name}: sampling_rate must be a positive whole number of Hz, got {sampling_rate!r}")
+        sampling_rate = int(sampling_rate)
+
+        audio = self._as_mono_float64(audio, name)
+
+        seconds = audio.shape[0] / sampling_rate
+        if truncation:
+            # Resampling only needs the first 30 s plus a margin for the resampling filter.
+            keep = int(math.ceil((self.chunk_length + 1) * sampling_rate))
+            audio = audio[:keep]
+        elif self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+            raise ValueError(
+                f"{name}: the audio is {seconds:.2f} s long, longer than max_audio_seconds={self.max_audio_seconds} "
+                "s; pass truncation=True to keep only its first "
+                f"{self.chunk_length} s or raise max_audio_seconds"
+            )
+
+        if sampling_rate != self.sampling_rate:
+            audio = self._resample(audio, sampling_rate, name)
+
+        if truncation:
+            segments = [audio[: self.n_samples]]
+        else:
+            segments = [audio[start : start + self.n_samples] for start in range(0, audio.shape[0], self.n_samples)]
+
+        min_samples = int(round(self.min_seconds * self.sampling_rate))
+        return [
+            np.pad(segment, (0, min_samples - segment.shape[0])) if segment.shape[0] < min_samples else segment
+            for segment in segments
+        ]
+
+    # ------------------------------------------------------------------ features
+
+    def _whisper_log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """`[S, n_samples]` float32 -> `[S, feature_size, nb_max_frames]`, as WhisperFeatureExtractor's torch path."""
+        window = torch.hann_window(self.n_fft, device=waveforms.device)
+        stft = torch.stft(waveforms, self.n_fft, self.hop_length, window=window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        filters = _whisper_mel_filters(self.feature_size, self.n_fft, self.sampling_rate).to(waveforms.device)
+        log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
+        # Dynamic range of 8 (log10) below each segment's maximum over the whole padded 30 s.
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)
+        log_spec = torch.maximum(log_spec, peak - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+    def _beats_fbank(self, waveforms: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        """
+        `[S, L]` float64 waveforms in [-1, 1] -> `[S, T, beats_num_mel_bins]` normalised Kaldi fbank (float64);
+        frames at or past `num_frames[s]` (those reaching into the batch padding) are set to 0.
+        """
+        frames = (waveforms * KALDI_WAVEFORM_SCALE).unfold(-1, KALDI_FRAME_LENGTH, KALDI_FRAME_SHIFT)
+        frames = frames - frames.mean(dim=-1, keepdim=True)  # remove the DC offset of each frame
+        # Pre-emphasis x[j] - 0.97 x[j - 1]; Kaldi's first sample uses itself as its predecessor.
+        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = frames - KALDI_PREEMPHASIS * previous
+        frames = frames * _kaldi_povey_window(frames.device)
+        power = torch.fft.rfft(frames, n=KALDI_FFT_SIZE).abs().pow(2.0)
+        banks = _kaldi_mel_banks(self.beats_num_mel_bins, self.sampling_rate).to(frames.device)
+        fbank = torch.clamp(power @ banks, min=KALDI_LOG_FLOOR).log()
+        fbank = (fbank - self.fbank_mean) / (2 * self.fbank_std)
+        real = torch.arange(fbank.shape[1], device=fbank.device).unsqueeze(0) < num_frames.unsqueeze(1)
+        return fbank * real.unsqueeze(-1)
+
+    def extract(
+        self,
+        segments: Sequence[np.ndarray],
+        return_tensors: str | None = "pt",
+        device: str | torch.device = "cpu",
+    ) -> BatchFeature:
+        """
+        Features of 16 kHz segments from `to_segments` (each at most 30 s), in order.
+
+        Args:
+            segments: 1-D float waveforms at 16 kHz.
+            return_tensors: "pt" for torch tensors, "np" or `None` for numpy arrays.
+            device: where to compute (results come back on the CPU).
+
+        Returns:
+            `BatchFeature` with `input_features` `[S, feature_size, 3000]` float32, `input_values`
+            `[S, T_max, beats_num_mel_bins]` float32 and `input_values_mask` `[S, T_max]` int64 (1 = real frame).
+        """
+        if isinstance(segments, (np.ndarray, torch.Tensor)) or not isinstance(segments, Sequence):
+            raise ValueError("extract expects a list of 1-D segments (see `to_segments`)")
+        if len(segments) == 0:
+            raise ValueError("extract got no segments")
+        waves = []
+        for i, segment in enumerate(segments):
+            segment = torch.as_tensor(np.asarray(segment) if not isinstance(segment, torch.Tensor) else segment)
+            if segment.ndim != 1 or not segment.is_floating_point():
+                raise ValueError(
+                    f"segments[{i}]: expected a 1-D float waveform, got shape {tuple(segment.shape)} "
+                    f"and dtype {segment.dtype}; use `to_segments` to prepare audio"
+                )
+            if not KALDI_FRAME_LENGTH <= segment.shape[0] <= self.n_samples:
+                raise ValueError(
+                    f"segments[{i}]: has {segment.shape[0]} samples; a segment must have between "
+                    f"{KALDI_FRAME_LENGTH} and {self.n_samples} samples (use `to_segments`)"
+                )
+            waves.append(segment.detach().to("cpu", torch.float64))
+
+        lengths = torch.tensor([w.shape[0] for w in waves])
+        num_frames = torch.tensor([kaldi_num_frames(int(n)) for n in lengths])
+        max_frames = int(num_frames.max())
+        max_samples = KALDI_FRAME_LENGTH + (max_frames - 1) * KALDI_FRAME_SHIFT
+
+        features, fbanks = [], []
+        with torch.no_grad():
+            for start in range(0, len(waves), EXTRACT_CHUNK):
+                chunk = waves[start : start + EXTRACT_CHUNK]
+                # Whisper: float32 (as WhisperFeatureExtractor casts), each segment zero-padded to 30 s.
+                whisper_in = torch.zeros(len(chunk), self.n_samples, dtype=torch.float32)
+                beats_in = torch.zeros(len(chunk), max_samples, dtype=torch.float64)
+                for row, wave in enumerate(chunk):
+                    whisper_in[row, : wave.shape[0]] = wave.to(torch.float32)
+                    keep = min(wave.shape[0], max_samples)
+                    beats_in[row, :keep] = wave[:keep]
+                features.append(self._whisper_log_mel(whisper_in.to(device)).cpu())
+                chunk_frames = num_frames[start : start + EXTRACT_CHUNK].to(device)
+                fbanks.append(self._beats_fbank(beats_in.to(device), chunk_frames).to(torch.float32).cpu())
+
+        mask = (torch.arange(max_frames).unsqueeze(0) < num_frames.unsqueeze(1)).long()
+        data = {
+            "input_features": torch.cat(features),
+            "input_values": torch.cat(fbanks),
+            "input_values_mask": mask,
+        }
+        if return_tensors != "pt":
+            if return_tensors not in (None, "np"):
+                raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def __call__(
+        self,
+        raw_speech,
+        sampling_rate: int | None = None,
+        truncation: bool = False,
+        return_tensors: str | None = "pt",
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Features of one audio (an array or tensor, 1-D or `[samples, channels]`) or of a list of audios; an audio
+        longer than 30 s contributes several consecutive segments (rows) unless `truncation=True`.
+        """
+        if kwargs:
+            raise ValueError(f"{self.__class__.__name__}.__call__ got unexpected arguments: {sorted(kwargs)}")
+        is_batch = isinstance(raw_speech, (list, tuple)) and any(
+            isinstance(item, (np.ndarray, torch.Tensor, list, tuple)) for item in raw_speech
+        )
+        audios = list(raw_speech) if is_batch else [raw_speech]
+        segments = []
+        for i, audio in enumerate(audios):
+            segments.extend(
+                self.to_segments(audio, sampling_rate=sampling_rate, truncation=truncation, name=f"audio[{i}]")
+            )
+        return self.extract(segments, return_tensors=return_tensors, device=device)
+
+
+__all__ = ["SalmonnFeatureExtractor"]

@@ -1,0 +1,441 @@
+"""SALMONN: Whisper and BEATs encoders, a window-level Q-Former and a LLaMA language model with LoRA."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .configuration_salmonn import SalmonnConfig
+from .modeling_beats import BeatsModel
+
+
+# The flat module files that make a saved folder loadable with `trust_remote_code=True`.
+REMOTE_CODE_FILES = (
+    "configuration_salmonn.py",
+    "modeling_beats.py",
+    "modeling_salmonn.py",
+    "feature_extraction_salmonn.py",
+    "processing_salmonn.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_salmonn.SalmonnConfig",
+    "AutoModel": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoProcessor": "processing_salmonn.SalmonnProcessor",
+    "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
+}
+
+# Inputs that hold one row per 30 s audio segment rather than one row per prompt.
+AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
+
+
+@dataclass
+class SalmonnModelOutputWithPast(ModelOutput):
+    r"""
+    audio_hidden_states (`torch.FloatTensor` of shape `(num_segments, audio_tokens_per_segment, hidden_size)`):
+        Projected audio embeddings that replaced the audio placeholders, when audio was given.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SalmonnCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`): mean cross-entropy of the next-token predictions where `labels` is not -100.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+    audio_hidden_states: see [`SalmonnModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+class SalmonnPreTrainedModel(PreTrainedModel):
+    config: SalmonnConfig
+    config_class = SalmonnConfig
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["LlamaDecoderLayer", "WhisperEncoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SalmonnModel):
+            # The original initialises the learned window query as BERT does.
+            init.normal_(module.speech_query_tokens, mean=0.0, std=self.config.qformer_config.initializer_range)
+
+    def initialize_weights(self) -> None:
+        # LoRA sits inside the language model, whose own `_init_weights` would draw both LoRA matrices from a
+        # normal. A fresh adapter must leave the LLM unchanged, as peft's does: A kaiming-uniform, B zero.
+        for module in self.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    if getattr(module.lora_A[name], "_is_hf_initialized", False):
+                        continue
+                    init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5))
+                    init.zeros_(module.lora_B[name].weight)
+                    module.lora_A[name]._is_hf_initialized = True
+                    module.lora_B[name]._is_hf_initialized = True
+        super().initialize_weights()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights and config with the remote code, so the folder loads with `trust_remote_code=True`."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source_dir = Path(__file__).resolve().parent
+        for name in REMOTE_CODE_FILES:
+            if (source_dir / name).is_file() and not (Path(save_directory) / name).exists():
+                shutil.copyfile(source_dir / name, Path(save_directory) / name)
+
+
+class SalmonnModel(SalmonnPreTrainedModel):
+    """The encoders, the window-level Q-Former and the language model without its head."""
+
+    def __init__(self, config: SalmonnConfig):
+        super().__init__(config)
+        self.speech_encoder = WhisperEncoder(config.whisper_config)
+        self.beats = BeatsModel(config.beats_config)
+        self.ln_speech = nn.LayerNorm(config.whisper_config.d_model, eps=config.ln_eps)
+        self.ln_audio = nn.LayerNorm(config.beats_config.encoder_embed_dim, eps=config.ln_eps)
+        self.speech_query_tokens = nn.Parameter(
+            torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
+        )
+        self.speech_qformer = Blip2QFormerModel(config.qformer_config)
+        self.speech_llama_proj = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModel.from_config(config.text_config)
+        # LoRA is injected into the language model only: a bare ["q_proj", "v_proj"] target on the whole model
+        # would also wrap the Whisper and BEATs attention.
+        lora_config = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            bias="none",
+        )
+        inject_adapter_in_model(lora_config, self.language_model)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_audio_features(
+        self,
+        input_features: torch.FloatTensor,
+        input_values: torch.FloatTensor,
+        input_values_mask: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        """
+        Encodes audio segments into LLM embeddings, `[num_segments, audio_tokens_per_segment, hidden_size]`.
+
+        `input_features` is the Whisper log-mel of each 30 s segment, `input_values` the normalised BEATs fbank and
+        `input_values_mask` marks its real frames, so that a segment padded in a batch is encoded as if alone.
+        """
+        if input_features.shape[0] != input_values.shape[0]:
+            raise ValueError(
+                f"`input_features` has {input_features.shape[0]} segments but `input_values` has "
+                f"{input_values.shape[0]}; both must hold one row per audio segment"
+            )
+        speech_embeds = self.speech_encoder(input_features, return_dict=True).last_hidden_state
+        speech_embeds = self.ln_speech(speech_embeds)
+
+        beats_output = self.beats(input_values, attention_mask=input_values_mask, return_dict=True)
+        audio_embeds = self.ln_audio(beats_output.last_hidden_state)
+        if input_values_mask is not None:
+            # Rows that only exist because of batch padding become the zeros a lone clip would be padded with.
+            patch_mask = self.beats.get_patch_attention_mask(input_values_mask)
+            audio_embeds = audio_embeds * patch_mask.unsqueeze(-1).to(audio_embeds.dtype)
+
+        # Zero-pad the shorter stream at the end of time, after the LayerNorms, as the original does.
+        speech_len, audio_len = speech_embeds.shape[1], audio_embeds.shape[1]
+        if audio_len < speech_len:
+            audio_embeds = nn.functional.pad(audio_embeds, (0, 0, 0, speech_len - audio_len))
+        elif audio_len > speech_len:
+            speech_embeds = nn.functional.pad(speech_embeds, (0, 0, 0, audio_len - speech_len))
+        hidden = torch.cat([speech_embeds, audio_embeds.to(speech_embeds.dtype)], dim=-1)
+
+        # Windows of `kernel` frames every `stride` frames; a last partial window is dropped (as `F.unfold` does).
+        kernel, stride = self.config.window_kernel, self.config.window_stride
+        num_segments, _, channels = hidden.shape
+        windows = hidden.unfold(1, kernel, stride)  # [segments, windows, channels, kernel]
+        num_windows = windows.shape[1]
+        windows = windows.permute(0, 1, 3, 2).reshape(num_segments * num_windows, kernel, channels)
+
+        query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
+        query_output = self.speech_qformer(query_embeds=query, encoder_hidden_states=windows, return_dict=True)
+        query_output = query_output.last_hidden_state.to(self.speech_llama_proj.weight.dtype)
+        audio_tokens = self.speech_llama_proj(query_output)
+        return audio_tokens.reshape(num_segments, num_windows * self.config.num_query_tokens, -1)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, audio_features: torch.Tensor) -> torch.BoolTensor:
+        special_audio_mask = input_ids == self.config.audio_token_index
+        n_tokens, n_features = int(special_audio_mask.sum()), audio_features.shape[0] * audio_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"The prompt has {n_tokens} audio placeholder tokens but the audio gives {n_features} audio embeddings "
+                f"({audio_features.shape[0]} segments x {audio_features.shape[1]}); build inputs with SalmonnProcessor"
+            )
+        return special_audio_mask
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.LongTensor | None = None,
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
+        """Token embeddings with the audio embeddings written over the audio placeholders, in order."""
+        is_audio = input_ids == self.config.audio_token_index
+        # The placeholder id lies outside the vocabulary on purpose; look up a harmless id instead.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_audio, 0))
+        audio_features = None
+        if input_features is not None:
+            audio_features = self.get_audio_features(input_features, input_values, input_values_mask)
+            mask = self.get_placeholder_mask(input_ids, audio_features)
+            mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, audio_features.to(inputs_embeds.dtype))
+        elif bool(is_audio.any()):
+            raise ValueError("`input_ids` holds audio placeholder tokens but no audio features were given")
+        return inputs_embeds, audio_features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SalmonnModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
+        audio_features = None
+        if inputs_embeds is None:
+            inputs_embeds, audio_features = self.embed_inputs(input_ids, input_features, input_values, input_values_mask)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return SalmonnModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_hidden_states=audio_features,
+        )
+
+
+class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
+    """SALMONN with its language-model head; `generate` answers prompts about audio."""
+
+    _tied_weights_keys = None
+
+    def __init__(self, config: SalmonnConfig):
+        super().__init__(config)
+        self.model = SalmonnModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self._freeze_pretrained_parts()
+        text = config.text_config
+        # The original decode settings (configs/decode_config.yaml): deterministic 4-beam search, 200 new tokens.
+        self.generation_config = GenerationConfig(
+            bos_token_id=text.bos_token_id,
+            eos_token_id=text.eos_token_id,
+            pad_token_id=text.pad_token_id,
+            num_beams=4,
+            max_new_tokens=200,
+            do_sample=False,
+            repetition_penalty=1.0,
+            length_penalty=1.0,
+        )
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters, and with them the `requires_grad` flags set in `__init__`.
+        model._freeze_pretrained_parts()
+        return model
+
+    # -- parameters -------------------------------------------------------------------------------------------
+
+    def _freeze_pretrained_parts(self) -> None:
+        """Whisper, BEATs and the LLM's base weights are frozen; the Q-Former path and LoRA train."""
+        for name, param in self.named_parameters():
+            param.requires_grad = self.is_trainable_parameter(name)
+
+    @staticmethod
+    def is_trainable_parameter(name: str) -> bool:
+        trainable_prefixes = (
+            "model.speech_qformer.",
+            "model.speech_query_tokens",
+            "model.ln_speech.",
+            "model.ln_audio.",
+            "model.speech_llama_proj.",
+        )
+        return name.startswith(trainable_prefixes) or ".lora_A." in name or ".lora_B." in name
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors SALMONN training changes: a small export that can be applied to a converted base folder."""
+        return {k: v for k, v in self.state_dict().items() if self.is_trainable_parameter(k)}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen encoders stay deterministic in training (the original flips them to train mode, which turns on
+        # BEATs dropout and layer drop).
+        self.model.speech_encoder.eval()
+        self.model.beats.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    # -- LoRA scaling (the paper's test-time discount, section 5.2) ------------------------------------------
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        return [m for m in self.model.language_model.modules() if isinstance(m, LoraLayer)]
+
+    @property
+    def lora_scaling(self) -> float:
+        """Current LoRA scaling factor (lora_alpha / lora_rank unless changed with `set_lora_scaling`)."""
+        layers = self._lora_layers()
+        if not layers:
+            raise ValueError("This model has no LoRA layers")
+        return float(next(iter(layers[0].scaling.values())))
+
+    def set_lora_scaling(self, value: float) -> float:
+        """Sets the LoRA scaling factor of every LoRA layer in place and returns the previous value."""
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"`set_lora_scaling` expects a finite non-negative number, got {value!r}")
+        previous = self.lora_scaling
+        for layer in self._lora_layers():
+            for adapter in layer.scaling:
+                layer.scaling[adapter] = float(value)
+        return previous
+
+    # -- forward and generation ----------------------------------------------------------------------------
+
+    def get_audio_features(
+        self,
+        input_features: torch.FloatTensor,
+        input_values: torch.FloatTensor,
+        input_values_mask: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        """Projected audio embeddings `[num_segments, audio_tokens_per_segment, hidden_size]`."""
+        return self.model.get_audio_features(input_features, input_values, input_values_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SalmonnCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids to predict, -100 where no
+            loss is taken (prompt, audio and padding positions); `SalmonnProcessor(text_target=...)` builds them.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            input_features=input_features,
+            input_values=input_values,
+            input_values_mask=input_values_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return SalmonnCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_hidden_states=outputs.audio_hidden_states,
+        )
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        # Audio tensors hold one row per 30 s segment, not per prompt: repeat each prompt's own segments together
+        # so that beams and returned sequences keep their audio in order.
+        audio_inputs = {name: model_kwargs.pop(name) for name in AUDIO_INPUT_NAMES if model_kwargs.get(name) is not None}
+        if expand_size > 1 and audio_inputs and input_ids is not None:
+            per_row = (input_ids == self.config.audio_token_index).sum(-1) // self.config.audio_tokens_per_segment
+            segment_ids = torch.arange(int(per_row.sum()), device=per_row.device)
+            order = torch.cat([chunk.repeat(expand_size) for chunk in segment_ids.split(per_row.tolist())])
+            audio_inputs = {name: tensor[order.to(tensor.device)] for name, tensor in audio_inputs.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(audio_inputs)
+        return input_ids, model_kwargs
+
+
+SalmonnForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["SalmonnForConditionalGeneration", "SalmonnModel", "SalmonnPreTrainedModel"]

@@ -1,0 +1,237 @@
+"""SalmonnProcessor: audio features, SALMONN's prompt tokenization and the Vicuna chat template."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from .feature_extraction_salmonn import SalmonnFeatureExtractor
+
+
+# USER: ... \nASSISTANT: answer</s> -- SALMONN's "USER: {}\nASSISTANT:" template, continued Vicuna-style for
+# several turns. An audio item renders as the original's "<Speech><SpeechHere></Speech> " prefix.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'audio' -%}{%- set ns.text = ns.text + '<Speech><SpeechHere></Speech> ' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = ns.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ text }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}USER: {{ text }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}ASSISTANT: {{ text }}</s>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+
+def _as_list_of_audio(audio) -> list:
+    """One audio (array, tensor, path) or a list of them -> list."""
+    if isinstance(audio, (np.ndarray, torch.Tensor, str)):
+        return [audio]
+    if isinstance(audio, (list, tuple)):
+        if len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio):
+            return [np.asarray(audio)]
+        flat = []
+        for item in audio:  # `apply_chat_template` nests the audios of each conversation in a list
+            flat.extend(_as_list_of_audio(item) if isinstance(item, (list, tuple)) else [item])
+        return flat
+    raise ValueError(f"`audio` must be an array, a tensor, a file path or a list of them, got {type(audio).__name__}")
+
+
+class SalmonnProcessor(ProcessorMixin):
+    r"""
+    Builds SALMONN's inputs. Each `audio_marker` in the text takes the next audio; every 30 s segment of that
+    audio becomes `audio_tokens_per_segment` placeholder tokens. As in the original, the text pieces around each
+    audio are tokenized separately without special tokens and `[BOS]` comes first.
+
+    Args:
+        feature_extractor ([`SalmonnFeatureExtractor`]): Whisper log-mel and BEATs fbank.
+        tokenizer: the LLaMA tokenizer with `[PAD]` and the audio placeholder token added.
+        chat_template (`str`, *optional*): Jinja template; defaults to SALMONN's Vicuna form.
+        audio_marker (`str`): the marker in prompt text where an audio goes.
+        audio_token (`str`): the placeholder token the marker expands to (outside the LLM's vocabulary).
+        audio_tokens_per_segment (`int`): Q-Former outputs per 30 s segment (88 with the default windows).
+    """
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        chat_template: str | None = None,
+        audio_marker: str = "<SpeechHere>",
+        audio_token: str = "<audio>",
+        audio_tokens_per_segment: int = 88,
+    ):
+        if chat_template is None:
+            chat_template = DEFAULT_CHAT_TEMPLATE
+        self.audio_marker = audio_marker
+        self.audio_token = audio_token
+        self.audio_tokens_per_segment = audio_tokens_per_segment
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @property
+    def audio_token_id(self) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no audio placeholder token {self.audio_token!r}")
+        return token_id
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *self.feature_extractor.model_input_names]
+
+    def format_prompt(self, instruction: str, num_audios: int = 1) -> str:
+        """The single-turn prompt the original builds: `USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:`."""
+        content = [{"type": "audio"}] * num_audios + [{"type": "text", "text": instruction.strip()}]
+        return self.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def _tokenize_piece(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _load_audio(self, audio, sampling_rate: int | None):
+        if isinstance(audio, str):
+            try:
+                import soundfile
+            except ImportError as err:  # pragma: no cover - soundfile is a dependency of the package
+                raise ImportError("Reading audio files needs the `soundfile` package") from err
+            try:
+                data, file_rate = soundfile.read(audio, dtype="float64")
+            except Exception as err:
+                raise ValueError(f"Cannot read audio file {audio!r}: {err}") from err
+            return data, file_rate
+        return audio, sampling_rate
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audio=None,
+        sampling_rate: int | None = None,
+        text_target: str | list[str] | None = None,
+        truncation: bool = False,
+        padding_side: str | None = None,
+        max_target_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            text: one prompt or a batch of prompts, each with one `<SpeechHere>` marker per audio.
+            audio: an audio (1-D or `[samples, channels]` array, tensor or file path) or a list of them, taken by
+                the markers in order across the batch.
+            sampling_rate: rate of array audio (resampled to 16 kHz).
+            text_target: answers for teacher forcing; each gets `</s>` and is tokenized on its own. Adds `labels`
+                (-100 on every prompt, audio and padding position).
+            truncation: keep only the first 30 s of each audio (the original's behaviour) instead of encoding
+                longer audio as consecutive 30 s segments.
+            padding_side: "left" (default for generation) or "right" (default with `text_target`).
+            max_target_length: longest answer in tokens, `</s>` included; longer answers are cut at their end
+                and keep their `</s>`.
+        """
+        # `apply_chat_template` passes these through; SALMONN has no images or videos and always adds [BOS] itself.
+        for name in ("images", "videos"):
+            if kwargs.pop(name, None) is not None:
+                raise ValueError(f"SalmonnProcessor takes audio and text only, got `{name}`")
+        kwargs.pop("add_special_tokens", None)
+        kwargs.pop("padding", None)
+        if kwargs:
+            raise ValueError(f"SalmonnProcessor got unexpected arguments: {sorted(kwargs)}")
+        if text is None:
+            raise ValueError("SalmonnProcessor needs `text` (a prompt with one <SpeechHere> marker per audio)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("`text` must be a string or a non-empty list of strings")
+        audios = [] if audio is None else _as_list_of_audio(audio)
+
+        marker_counts = [t.count(self.audio_marker) for t in texts]
+        if audios:
+            for i, count in enumerate(marker_counts):
+                if count == 0:
+                    raise ValueError(
+                        f"text[{i}] has no {self.audio_marker} marker but audio was given; put {self.audio_marker} "
+                        f"where the audio goes, e.g. via processor.format_prompt(...)"
+                    )
+        if sum(marker_counts) != len(audios):
+            raise ValueError(
+                f"The text has {sum(marker_counts)} {self.audio_marker} markers but {len(audios)} audios were given; "
+                "each marker takes exactly one audio"
+            )
+
+        # Audio -> 30 s segments, in marker order.
+        segments_per_audio: list[int] = []
+        all_segments: list[np.ndarray] = []
+        for k, item in enumerate(audios):
+            data, rate = self._load_audio(item, sampling_rate)
+            segments = self.feature_extractor.to_segments(data, sampling_rate=rate, truncation=truncation, name=f"audio[{k}]")
+            segments_per_audio.append(len(segments))
+            all_segments.extend(segments)
+
+        # Prompt ids: [BOS] + piece + placeholders + piece + ... (pieces tokenized separately, as the original).
+        audio_id = self.audio_token_id if audios else None
+        bos_id = self.tokenizer.bos_token_id
+        prompt_ids: list[list[int]] = []
+        next_audio = 0
+        for t in texts:
+            pieces = t.split(self.audio_marker)
+            ids = [bos_id] + self._tokenize_piece(pieces[0])
+            for piece in pieces[1:]:
+                ids += [audio_id] * (segments_per_audio[next_audio] * self.audio_tokens_per_segment)
+                next_audio += 1
+                ids += self._tokenize_piece(piece)
+            prompt_ids.append(ids)
+
+        labels: list[list[int]] | None = None
+        if text_target is not None:
+            targets = [text_target] if isinstance(text_target, str) else list(text_target)
+            if len(targets) != len(texts):
+                raise ValueError(f"Got {len(texts)} prompts but {len(targets)} `text_target` answers")
+            labels = []
+            for i, answer in enumerate(targets):
+                if not isinstance(answer, str):
+                    raise ValueError(f"text_target[{i}] must be a string, got {type(answer).__name__}")
+                target_ids = self.tokenizer(answer + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+                if max_target_length is not None and len(target_ids) > max_target_length:
+                    target_ids = target_ids[: max_target_length - 1] + [self.tokenizer.eos_token_id]
+                labels.append([-100] * len(prompt_ids[i]) + target_ids)
+                prompt_ids[i] = prompt_ids[i] + target_ids
+
+        side = padding_side or ("right" if text_target is not None else "left")
+        if side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}")
+        longest = max(len(ids) for ids in prompt_ids)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids, attention_mask, padded_labels = [], [], []
+        for i, ids in enumerate(prompt_ids):
+            n_pad = longest - len(ids)
+            pad, ones = [pad_id] * n_pad, [1] * len(ids)
+            input_ids.append(pad + ids if side == "left" else ids + pad)
+            attention_mask.append([0] * n_pad + ones if side == "left" else ones + [0] * n_pad)
+            if labels is not None:
+                label_pad = [-100] * n_pad
+                padded_labels.append(label_pad + labels[i] if side == "left" else labels[i] + label_pad)
+
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels is not None:
+            data["labels"] = padded_labels
+        if all_segments:
+            data.update(self.feature_extractor.extract(all_segments, return_tensors="pt"))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+SalmonnProcessor.register_for_auto_class("AutoProcessor")
+SalmonnFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+
+__all__ = ["SalmonnProcessor"]
