@@ -1,0 +1,19 @@
+import os
+import tempfile
+
+import pytest
+
+
+# Nothing may be downloaded: every test works offline, with its own Hugging Face cache.
+_HF_HOME = tempfile.mkdtemp(prefix="salmonn-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _HF_HOME
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random tiny SALMONN and its processor (built once per session; do not modify in place)."""
+    from tests.utils import tiny_model_and_processor
+
+    return tiny_model_and_processor()
