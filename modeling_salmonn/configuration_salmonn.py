@@ -92,7 +92,8 @@ class SalmonnConfig(PreTrainedConfig):
         second_per_window (`float`): window length in seconds on the 30 s / 1500 frame Whisper grid.
         second_stride (`float`): hop between windows in seconds.
         lora_rank, lora_alpha, lora_dropout (`int`, `int`, `float`): LoRA of the language model; the
-            scaling is `lora_alpha / lora_rank` (4.0 for the release).
+            scaling is `lora_alpha / lora_rank` (4.0 for the release). `lora_rank=0` means the LoRA was merged
+            into the language model's weights (`salmonn-convert --merge-lora`).
         lora_target_modules (`list[str]`): projections of the language model's attention that carry LoRA.
         audio_token_index (`int`): id of the audio placeholder; it lies outside the language model's
             vocabulary, so it changes no existing id and can never be generated.

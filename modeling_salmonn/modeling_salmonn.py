@@ -130,15 +130,16 @@ class SalmonnModel(SalmonnPreTrainedModel):
         self.speech_llama_proj = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModel.from_config(config.text_config)
         # LoRA is injected into the language model only: a bare ["q_proj", "v_proj"] target on the whole model
-        # would also wrap the Whisper and BEATs attention.
-        lora_config = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules),
-            bias="none",
-        )
-        inject_adapter_in_model(lora_config, self.language_model)
+        # would also wrap the Whisper and BEATs attention. `lora_rank=0` describes a checkpoint with LoRA merged.
+        if config.lora_rank > 0:
+            lora_config = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=list(config.lora_target_modules),
+                bias="none",
+            )
+            inject_adapter_in_model(lora_config, self.language_model)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -345,7 +346,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         """Current LoRA scaling factor (lora_alpha / lora_rank unless changed with `set_lora_scaling`)."""
         layers = self._lora_layers()
         if not layers:
-            raise ValueError("This model has no LoRA layers")
+            raise ValueError("This model has no LoRA layers (its LoRA was merged into the LLM at conversion)")
         return float(next(iter(layers[0].scaling.values())))
 
     def set_lora_scaling(self, value: float) -> float:
