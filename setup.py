@@ -29,7 +29,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2"],
         "train": ["datasets>=3"],
-        "eval": ["jiwer>=3", "sacrebleu>=2.4"],
+        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=5"],
     },

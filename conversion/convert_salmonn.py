@@ -11,17 +11,20 @@ written under a temporary name and moved into place only when complete and verif
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import shutil
 import string
+import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, HfArgumentParser, WhisperConfig
 
@@ -135,44 +138,78 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
+# safetensors names of torch dtypes, for the streaming writer below.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streaming(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]) -> None:
+    """
+    Writes a safetensors file one tensor at a time. `safetensors.torch.save_file` needs every tensor of the shard in
+    memory at once (and serialises a copy), which would double the peak memory of a 13B conversion; the format is a
+    length-prefixed JSON header followed by the raw bytes, so streaming it is simple.
+    """
+    header, offset = {}, 0
+    for key, shape, dtype, _ in items:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for key, shape, dtype, make in items:
+            tensor = make()
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{key}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+
+
 class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_bytes`, keeping one shard in memory at a time."""
+    """
+    Plans tensors into safetensors shards of at most `max_bytes` and writes each shard by streaming its tensors.
+    Tensors are produced lazily at write time from their (memory-mapped) sources, so memory holds at most one output
+    shard's worth of source pages plus one converted tensor.
+    """
 
     def __init__(self, folder: Path | None, max_bytes: int):
         # folder=None records names and shapes only (dry run).
         self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]] = []
         self.pending_bytes = 0
         self.files: list[tuple[Path, list[str]]] = []
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.total_bytes = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> None:
         if key in self.shapes:
             raise ValueError(f"Tensor {key} was produced twice")
-        size = tensor.numel() * tensor.element_size()
+        shape = tuple(int(n) for n in shape)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[key] = tensor.contiguous()
+        self.pending.append((key, shape, dtype, make))
         self.pending_bytes += size
         self.total_bytes += size
-        self.shapes[key] = (tuple(tensor.shape), tensor.dtype)
+        self.shapes[key] = (shape, dtype)
 
     def flush(self) -> None:
+        """Writes the planned tensors (they keep their sources alive until then)."""
         if not self.pending:
             return
-        if self.folder is None:
-            self.files.append((Path(f"shard-{len(self.files):05d}"), list(self.pending)))
-            self.pending, self.pending_bytes = {}, 0
-            return
-        path = self.folder / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        path = Path(f"shard-{len(self.files):05d}.tmp")
+        if self.folder is not None:
+            path = self.folder / path
+            write_safetensors_streaming(path, self.pending)
+        self.files.append((path, [key for key, *_ in self.pending]))
+        self.pending, self.pending_bytes = [], 0
 
     def finish(self) -> list[Path]:
-        import json
-
         self.flush()
         n = len(self.files)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -336,8 +373,18 @@ def write_weights(
 ) -> None:
     dtype = DTYPES[args.dtype]
 
-    def put(key: str, tensor: torch.Tensor) -> None:
-        writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    def put(key: str, tensor: torch.Tensor, rows: int | None = None, transform: Callable | None = None) -> None:
+        """Plans `tensor` (grown to `rows` rows, or transformed) in the output dtype; it is computed when written."""
+        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        shape = (rows, *tensor.shape[1:]) if rows is not None else tuple(tensor.shape)
+
+        def make() -> torch.Tensor:
+            result = _resize_rows(tensor, rows) if rows is not None else tensor
+            if transform is not None:
+                result = transform(result)
+            return result.to(out_dtype)
+
+        writer.add(key, shape, out_dtype, make)
 
     # Whisper encoder only (the decoder is not part of SALMONN).
     found = 0
@@ -366,21 +413,23 @@ def write_weights(
             if _LLM_DROP.search(key):
                 continue
             if key == "lm_head.weight":
-                put("lm_head.weight", _resize_rows(tensor, text.vocab_size))
+                put("lm_head.weight", tensor, rows=text.vocab_size)
                 seen_lm_head = True
                 continue
             if not key.startswith("model."):
                 raise ValueError(f"LLM {path}: unexpected key {key} (expected model.* and lm_head.weight of LlamaForCausalLM)")
             name = "model.language_model." + key[len("model.") :]
             if key == "model.embed_tokens.weight":
-                tensor = _resize_rows(tensor, text.vocab_size)
+                put(name, tensor, rows=text.vocab_size)
+                continue
             match = re.match(r"model\.language_model\.layers\.(\d+)\.self_attn\.(\w+)\.weight$", name)
             if match and match.group(2) in targets:
                 prefix = name[: -len(".weight")]
                 if args.merge_lora:
                     a = lora[f"{prefix}.lora_A.default.weight"].float()
                     b = lora[f"{prefix}.lora_B.default.weight"].float()
-                    tensor = (tensor.float() + scaling * (b @ a)).to(tensor.dtype)
+                    put(name, tensor, transform=lambda w, a=a, b=b: (w.float() + scaling * (b @ a)).to(w.dtype))
+                    continue
                 else:
                     name = f"{prefix}.base_layer.weight"
             put(name, tensor)

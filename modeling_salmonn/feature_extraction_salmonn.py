@@ -1,4 +1,4 @@
-"""Feature extractor of SALMONN: Whisper log-mel spectrograms and the Kaldi fbank that BEATs reads, from 16 kHz audio."""
+"""SALMONN's feature extractor: Whisper log-mel spectrograms and the Kaldi fbank that BEATs reads, at 16 kHz."""
 
 from __future__ import annotations
 
@@ -175,6 +175,8 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
                 f"{name}: expected a numpy array, a torch tensor or a list of samples, got {type(audio).__name__}"
             )
 
+        if audio.size == 0:
+            raise ValueError(f"{name}: the audio is empty (shape {tuple(audio.shape)})")
         if audio.ndim == 2:
             if audio.shape[1] > audio.shape[0]:
                 raise ValueError(
@@ -188,17 +190,19 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
                 f"{name}: expected 1-D audio or a 2-D [samples, channels] array, got {audio.ndim} dimensions "
                 f"(shape {tuple(audio.shape)})"
             )
-        if audio.shape[0] == 0:
-            raise ValueError(f"{name}: the audio is empty (0 samples)")
 
-        kind = audio.dtype.kind
+        kind, bits = audio.dtype.kind, 8 * audio.dtype.itemsize
+        if kind in "iu" and bits > 32:
+            raise ValueError(
+                f"{name}: integer samples must be 8, 16 or 32-bit PCM, got dtype {audio.dtype}; pass float samples "
+                "in [-1, 1] or int16/int32 PCM"
+            )
         if kind == "i":  # signed PCM: full scale is 2**(bits - 1)
-            audio = audio.astype(np.float64) / float(2 ** (8 * audio.dtype.itemsize - 1))
+            audio = audio.astype(np.float64) / float(2 ** (bits - 1))
         elif kind == "u":  # unsigned PCM (e.g. 8-bit WAV): centred on 2**(bits - 1)
-            half = float(2 ** (8 * audio.dtype.itemsize - 1))
-            audio = (audio.astype(np.float64) - half) / half
+            audio = (audio.astype(np.float64) - float(2 ** (bits - 1))) / float(2 ** (bits - 1))
         elif kind == "f":
-            audio = audio.astype(np.float64, copy=False)
+            audio = np.ascontiguousarray(audio, dtype=np.float64)
         else:
             raise ValueError(f"{name}: expected float or integer PCM samples, got dtype {audio.dtype}")
 
@@ -303,10 +307,12 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         frames = (waveforms * KALDI_WAVEFORM_SCALE).unfold(-1, KALDI_FRAME_LENGTH, KALDI_FRAME_SHIFT)
         frames = frames - frames.mean(dim=-1, keepdim=True)  # remove the DC offset of each frame
         # Pre-emphasis x[j] - 0.97 x[j - 1]; Kaldi's first sample uses itself as its predecessor.
-        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-        frames = frames - KALDI_PREEMPHASIS * previous
-        frames = frames * _kaldi_povey_window(frames.device)
-        power = torch.fft.rfft(frames, n=KALDI_FFT_SIZE).abs().pow(2.0)
+        emphasised = torch.empty_like(frames)
+        emphasised[..., 1:] = frames[..., 1:] - KALDI_PREEMPHASIS * frames[..., :-1]
+        emphasised[..., 0] = frames[..., 0] - KALDI_PREEMPHASIS * frames[..., 0]
+        emphasised *= _kaldi_povey_window(frames.device)
+        spectrum = torch.view_as_real(torch.fft.rfft(emphasised, n=KALDI_FFT_SIZE))
+        power = spectrum.square().sum(dim=-1)  # |X|^2
         banks = _kaldi_mel_banks(self.beats_num_mel_bins, self.sampling_rate).to(frames.device)
         fbank = torch.clamp(power @ banks, min=KALDI_LOG_FLOOR).log()
         fbank = (fbank - self.fbank_mean) / (2 * self.fbank_std)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_salmonn import BeatsConfig
 
@@ -102,6 +103,30 @@ class BeatsPositionalConvEmbedding(nn.Module):
         return self.activation(hidden_states).transpose(1, 2)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The original BEATs score computation: queries pre-divided by a constant, the row maximum subtracted and the
+    constant multiplied back before the additive mask (relative position bias and key padding) and the softmax.
+    """
+    scores = torch.matmul(query * scaling / _ATTENTION_SCORE_ALPHA, key.transpose(-1, -2))
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) * _ATTENTION_SCORE_ALPHA
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1).type_as(scores)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return attn_output, weights
+
+
 class BeatsAttention(nn.Module):
     """Multi-head self-attention with the shared relative position bias, gated per query (`gru_rel_pos`)."""
 
@@ -118,6 +143,7 @@ class BeatsAttention(nn.Module):
             )
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
+        self.is_causal = False
 
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
@@ -143,44 +169,38 @@ class BeatsAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_bias: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
+        key_padding_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """
+        `position_bias` is the shared `[heads, T, T]` relative position bias, `key_padding_bias` an additive
+        `[batch, 1, 1, T]` mask (0 for real keys, -inf for padding).
+        """
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
 
-        bias = self._gated_position_bias(query, position_bias) if position_bias is not None else None
-        dropout = self.dropout if self.training else 0.0
+        attention_mask = None
+        if position_bias is not None:
+            attention_mask = self._gated_position_bias(query, position_bias).to(query.dtype)
+        if key_padding_bias is not None:
+            key_padding_bias = key_padding_bias.to(query.dtype)
+            attention_mask = key_padding_bias if attention_mask is None else attention_mask + key_padding_bias
 
-        implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager":
-            scores = torch.matmul(query * self.scaling / _ATTENTION_SCORE_ALPHA, key.transpose(-1, -2))
-            scores = (scores - scores.amax(dim=-1, keepdim=True)) * _ATTENTION_SCORE_ALPHA
-            if key_padding_mask is not None:
-                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            if bias is not None:
-                scores = scores + bias
-            weights = F.softmax(scores, dim=-1).type_as(scores)
-            weights = F.dropout(weights, p=dropout, training=self.training)
-            attn_output = torch.matmul(weights, value)
-        elif "sdpa" in implementation:
-            attn_mask = bias.to(query.dtype) if bias is not None else None
-            if key_padding_mask is not None:
-                key_mask = torch.zeros(key_padding_mask.shape, dtype=query.dtype, device=query.device)
-                key_mask = key_mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
-                attn_mask = key_mask if attn_mask is None else attn_mask + key_mask
-            attn_output = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=self.scaling
-            )
-        else:
-            raise ValueError(
-                f"BEATs attention supports `attn_implementation` 'eager' and 'sdpa', got {implementation!r}; it needs "
-                "an additive relative position bias that other kernels cannot take"
-            )
-
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_len, self.embed_dim)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, self.embed_dim)
         return self.out_proj(attn_output)
 
 
@@ -215,14 +235,14 @@ class BeatsEncoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_bias: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
+        key_padding_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.layer_norm_first:
-            attn = self.self_attn(self.self_attn_layer_norm(hidden_states), position_bias, key_padding_mask)
+            attn = self.self_attn(self.self_attn_layer_norm(hidden_states), position_bias, key_padding_bias)
             hidden_states = hidden_states + self.dropout1(attn)
             return hidden_states + self._feed_forward(self.final_layer_norm(hidden_states))
 
-        attn = self.self_attn(hidden_states, position_bias, key_padding_mask)
+        attn = self.self_attn(hidden_states, position_bias, key_padding_bias)
         hidden_states = self.self_attn_layer_norm(hidden_states * self.deep_norm_alpha + self.dropout1(attn))
         feed_forward = self._feed_forward(hidden_states)
         return self.final_layer_norm(hidden_states * self.deep_norm_alpha + feed_forward)
@@ -248,7 +268,7 @@ class BeatsEncoder(nn.Module):
         """Relative position bias `[heads, seq_len, seq_len]`, computed once per forward for all layers."""
         # Buckets come from a float32 log on the CPU, as in the original, so that bucket edges never depend on the
         # device; only the 2 * seq_len - 1 distinct offsets are bucketed.
-        offsets = torch.arange(1 - seq_len, seq_len, dtype=torch.long)
+        offsets = torch.arange(1 - seq_len, seq_len, dtype=torch.long, device="cpu")
         offset_buckets = relative_position_bucket(offsets, self.config.num_buckets, self.config.max_distance)
         weight = self.relative_attention_bias.weight
         positions = torch.arange(seq_len, device=weight.device)
@@ -262,9 +282,12 @@ class BeatsEncoder(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> BaseModelOutput:
+        key_padding_bias = None
         if key_padding_mask is not None:
-            # Padded tokens must not leak into real ones through the positional convolution.
+            # Padded tokens must not leak into real ones through the positional convolution, nor be attended to.
             hidden_states = hidden_states.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
+            key_padding_bias = torch.zeros_like(key_padding_mask, dtype=hidden_states.dtype)
+            key_padding_bias = key_padding_bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
         hidden_states = hidden_states + self.pos_conv_embed(hidden_states)
         if not self.config.layer_norm_first:
             hidden_states = self.layer_norm(hidden_states)
@@ -284,7 +307,7 @@ class BeatsEncoder(nn.Module):
             if self.training and self.config.encoder_layerdrop > 0.0:
                 if torch.rand([]).item() <= self.config.encoder_layerdrop:
                     continue
-            hidden_states = layer(hidden_states, position_bias, key_padding_mask)
+            hidden_states = layer(hidden_states, position_bias, key_padding_bias)
 
         if self.config.layer_norm_first:
             hidden_states = self.layer_norm(hidden_states)
