@@ -166,11 +166,14 @@ class SalmonnModel(SalmonnPreTrainedModel):
                 f"`input_features` has {input_features.shape[0]} segments but `input_values` has "
                 f"{input_values.shape[0]}; both must hold one row per audio segment"
             )
-        speech_embeds = self.speech_encoder(input_features, return_dict=True).last_hidden_state
-        speech_embeds = self.ln_speech(speech_embeds)
+        # The processor returns float32 features; run each encoder in its own dtype (bf16/fp16 loads).
+        encoder_dtype = self.speech_encoder.conv1.weight.dtype
+        speech_embeds = self.speech_encoder(input_features.to(encoder_dtype), return_dict=True).last_hidden_state
+        speech_embeds = self.ln_speech(speech_embeds.to(self.ln_speech.weight.dtype))
 
-        beats_output = self.beats(input_values, attention_mask=input_values_mask, return_dict=True)
-        audio_embeds = self.ln_audio(beats_output.last_hidden_state)
+        beats_dtype = self.beats.patch_embedding.weight.dtype
+        beats_output = self.beats(input_values.to(beats_dtype), attention_mask=input_values_mask, return_dict=True)
+        audio_embeds = self.ln_audio(beats_output.last_hidden_state.to(self.ln_audio.weight.dtype))
         if input_values_mask is not None:
             # Rows that only exist because of batch padding become the zeros a lone clip would be padded with.
             patch_mask = self.beats.get_patch_attention_mask(input_values_mask)
@@ -192,6 +195,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         windows = windows.permute(0, 1, 3, 2).reshape(num_segments * num_windows, kernel, channels)
 
         query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
+        windows = windows.to(self.speech_query_tokens.dtype)
         query_output = self.speech_qformer(query_embeds=query, encoder_hidden_states=windows, return_dict=True)
         query_output = query_output.last_hidden_state.to(self.speech_llama_proj.weight.dtype)
         audio_tokens = self.speech_llama_proj(query_output)

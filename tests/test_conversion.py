@@ -289,3 +289,22 @@ def test_full_size_dry_run_maps_every_release_key(tmp_path, caplog, size, hidden
     assert "windows 17/17 frames -> 88 audio tokens per 30 s, LoRA rank 8 alpha 32" in text
     assert f"Dropped {layers} tensor(s)" in text and "Dropped 11 tensor(s)" in text
     assert "map onto the SALMONN model" in text
+
+
+def test_push_to_hub_uploads_the_finished_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create_repo", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    assert convert_main(_args(out, **{"push-to-hub": "someone/salmonn-tiny", "private": True})) == 0
+    assert calls[0] == ("create_repo", "someone/salmonn-tiny", True)
+    assert calls[1][0] == "upload_folder" and "config.json" in calls[1][2] and "README.md" in calls[1][2]

@@ -269,3 +269,25 @@ def test_round_trip_fresh_process_folder_and_repo_id(tmp_path):
         here = model(**inputs).logits
     for i in range(2):
         assert torch.equal(torch.load(tmp_path / f"{i}.pt", weights_only=True), here)
+
+
+def test_attention_implementations_and_half_precision_load(tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    folder = save_tiny_checkpoint(tmp_path / "tiny")
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(text=processor.format_prompt("Describe."), audio=tone(1.5), sampling_rate=16000)
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=0)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16, device_map="auto").eval()
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        half = model(**inputs).logits.float()
+    assert (half - logits["sdpa"]).abs().max() < 0.5
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for n, p in model.named_parameters() if SalmonnForConditionalGeneration.is_trainable_parameter(n)
+    )

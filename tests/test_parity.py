@@ -125,3 +125,11 @@ def test_parity_lora_scaling_halved(converted):
     assert previous == 4.0
     assert _max_diff(logits, gold["prompt_logits_lora_half"]) < 1e-3
     assert ids[0, inputs["input_ids"].shape[1] :].tolist() == gold["generated_ids_lora_half"][0, 1:].tolist()
+
+
+def test_whisper_branch_on_stored_spectrogram(converted):
+    model, _ = converted
+    gold = load_file(FIXTURE_A / "golden" / "gunshots.safetensors")
+    with torch.no_grad():
+        out = model.model.speech_encoder(gold["spectrogram"]).last_hidden_state
+    assert _max_diff(out, gold["whisper_encoder_out"]) < 1e-4
