@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, HfArgumentParser, WhisperConfig
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, WhisperConfig
 
 from conversion.beats import load_original_beats
 from conversion.io_utils import atomic_output_dir
 from conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
 from inference.tiny import AUDIO_TOKEN, add_salmonn_tokens
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
-from modeling_salmonn.modeling_salmonn import AUTO_MAP, REMOTE_CODE_FILES
+from modeling_salmonn.modeling_salmonn import AUTO_MAP, REMOTE_CODE_FILES, original_generation_config
 
 
 logger = logging.getLogger(__name__)
@@ -580,17 +580,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
         writer.finish()
         config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(tmp)
-        text = config.text_config
-        GenerationConfig(
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            pad_token_id=text.pad_token_id,
-            num_beams=4,
-            max_new_tokens=200,
-            do_sample=False,
-            repetition_penalty=1.0,
-            length_penalty=1.0,
-        ).save_pretrained(tmp)
+        original_generation_config(config).save_pretrained(tmp)
         source_dir = Path(sys.modules[SalmonnConfig.__module__].__file__).parent
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(source_dir / name, tmp / name)

@@ -70,6 +70,21 @@ class SalmonnCausalLMOutputWithPast(ModelOutput):
     audio_hidden_states: torch.FloatTensor | None = None
 
 
+def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
+    """The original decode settings (configs/decode_config.yaml): deterministic 4-beam search, 200 new tokens."""
+    text = config.text_config
+    return GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        num_beams=4,
+        max_new_tokens=200,
+        do_sample=False,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+    )
+
+
 class SalmonnPreTrainedModel(PreTrainedModel):
     config: SalmonnConfig
     config_class = SalmonnConfig
@@ -278,18 +293,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         self._freeze_pretrained_parts()
-        text = config.text_config
-        # The original decode settings (configs/decode_config.yaml): deterministic 4-beam search, 200 new tokens.
-        self.generation_config = GenerationConfig(
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            pad_token_id=text.pad_token_id,
-            num_beams=4,
-            max_new_tokens=200,
-            do_sample=False,
-            repetition_penalty=1.0,
-            length_penalty=1.0,
-        )
+        self.generation_config = original_generation_config(config)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
