@@ -27,11 +27,11 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2"],
+        "dev": ["pytest>=8", "playwright>=1.45"],
         "train": ["datasets>=3"],
         "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4"],
         "quant": ["optimum-quanto>=0.2.7"],
-        "demo": ["gradio>=5"],
+        "demo": ["gradio>=6,<7"],
     },
     entry_points={
         "console_scripts": [

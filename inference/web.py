@@ -1,0 +1,437 @@
+"""salmonn-web: a Gradio chat about an audio clip, with streamed answers and the decoding settings at hand.
+
+Upload or record an audio, ask about it, and keep asking: the conversation is sent to the model in SALMONN's
+Vicuna form (`processor.apply_chat_template`), with the audio in the first user turn. Changing the audio starts a
+new conversation. The page never needs the internet; `--share` (off by default) is the only option that does.
+
+    salmonn-web --model path/to/salmonn            # http://127.0.0.1:7860
+    python -m inference.web --model ... --device cuda --dtype bfloat16 --port 9527
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HfArgumentParser
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# One generation at a time per process: the LoRA scaling is a property of the shared model, set per request.
+_GENERATE_LOCK = threading.Lock()
+
+
+@dataclass
+class WebArguments:
+    model: str = field(
+        metadata={"help": "A converted or trained SALMONN folder or Hub id (loaded with trust_remote_code)."}
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address to listen on. The default serves this machine only; 0.0.0.0 serves the network."},
+    )
+    port: int | None = field(
+        default=None,
+        metadata={"help": "Port to listen on. Default: the first free port from 7860 (or GRADIO_SERVER_PORT)."},
+    )
+    share: bool = field(
+        default=False,
+        metadata={"help": "Also publish the page through a public gradio.live link (reaches the internet)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype.", "choices": list(DTYPES)})
+    device: str = field(
+        default="auto", metadata={"help": "Torch device (cpu, cuda, cuda:1, ...). auto: cuda when available."}
+    )
+
+
+def _import_gradio():
+    """Gradio is an optional dependency (the `demo` extra) and must stay offline: no analytics, no version check."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError as err:
+        raise ImportError(
+            "salmonn-web needs Gradio, which is not installed: run `pip install salmonn[demo]` "
+            "(or `pip install gradio`)."
+        ) from err
+    return gradio
+
+
+# -- model side (no Gradio) ------------------------------------------------------------------------------------
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message whether it is a string or a list of content items (Gradio's normalised form)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(item) for item in content)
+    return ""
+
+
+def build_conversation(history: Sequence[dict], question: str, with_audio: bool) -> list[dict]:
+    """
+    The conversation for `processor.apply_chat_template`: the earlier turns (`{"role", "content"}` messages, as
+    the Chatbot holds them) and the new question. The audio goes with the first user turn only.
+    """
+    conversation: list[dict] = []
+    for message in history:
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            continue
+        conversation.append({"role": role, "content": message_text(message.get("content")).strip()})
+    conversation.append({"role": "user", "content": question.strip()})
+    if with_audio:
+        first = conversation[0]  # always a user turn: the Chatbot starts with the user's question
+        first["content"] = [{"type": "audio"}, {"type": "text", "text": first["content"]}]
+    return conversation
+
+
+def generation_kwargs(
+    max_new_tokens: int = 200,
+    num_beams: int = 4,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+) -> dict:
+    """`generate` keyword arguments from the page's settings (sampling knobs only when sampling)."""
+    kwargs = {
+        "max_new_tokens": int(max_new_tokens),
+        "num_beams": int(num_beams),
+        "do_sample": bool(do_sample),
+        "repetition_penalty": float(repetition_penalty),
+        "length_penalty": float(length_penalty),
+    }
+    if kwargs["max_new_tokens"] < 1 or kwargs["num_beams"] < 1:
+        raise ValueError(f"max_new_tokens and num_beams must be at least 1, got {max_new_tokens} and {num_beams}")
+    if do_sample:
+        if not temperature > 0 or not 0 < top_p <= 1:
+            raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        kwargs.update(temperature=float(temperature), top_p=float(top_p))
+    return kwargs
+
+
+def _stop_on(event: threading.Event):
+    from transformers import StoppingCriteria
+
+    class _StopOnEvent(StoppingCriteria):
+        """Ends generation early when the page's Stop button (or a closed connection) cancels the answer."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _StopOnEvent()
+
+
+@dataclass
+class AnswerUpdate:
+    """One step of a streamed answer: the text so far and, on the last step, the generation's numbers."""
+
+    text: str
+    done: bool = False
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+def stream_answer(
+    model,
+    processor,
+    question: str,
+    audio: str | None = None,
+    history: Sequence[dict] = (),
+    generation_kwargs: dict | None = None,
+    lora_scaling: float | None = None,
+    seed: int | None = None,
+) -> Iterator[AnswerUpdate]:
+    """
+    Answers `question` about `audio` (a file path) after `history`, yielding the answer as it grows.
+
+    `generate` runs in a thread and feeds a `TextIteratorStreamer` (beam search cannot stream: then the answer
+    comes whole). The last update's text is the decoded new ids, exactly as `processor.batch_decode(...,
+    skip_special_tokens=True)` gives them, stripped. `lora_scaling` applies to this answer only. Bad input (empty
+    question, unreadable audio, bad settings) raises `ValueError` here, before anything is generated.
+    """
+    if not question or not question.strip():
+        raise ValueError("The question is empty: type what you want to know about the audio")
+    kwargs = dict(generation_kwargs or {})
+    if lora_scaling is not None and (not math.isfinite(lora_scaling) or lora_scaling < 0):
+        raise ValueError(f"The LoRA scaling must be a finite non-negative number, got {lora_scaling}")
+
+    conversation = build_conversation(history, question, with_audio=audio is not None)
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=prompt, audio=audio)
+    inputs = inputs.to(model.device)
+    for name in ("input_features", "input_values"):
+        if name in inputs:
+            inputs[name] = inputs[name].to(model.dtype)
+    return _stream(model, processor, inputs, kwargs, lora_scaling, seed)
+
+
+def _stream(model, processor, inputs, kwargs: dict, lora_scaling: float | None, seed: int | None):
+    import torch
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    prompt_length = inputs["input_ids"].shape[1]
+    stop = threading.Event()
+    streamer = None
+    if kwargs.get("num_beams", model.generation_config.num_beams or 1) == 1:
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        with _GENERATE_LOCK:
+            previous = model.set_lora_scaling(float(lora_scaling)) if lora_scaling is not None else None
+            try:
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    result["ids"] = model.generate(
+                        **inputs, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_stop_on(stop)])
+                    )
+                result["seconds"] = time.perf_counter() - start
+            except BaseException as err:  # handed to the caller's thread below
+                result["error"] = err
+                if streamer is not None:
+                    streamer.end()  # unblocks the iteration; `generate` only ends the streamer on success
+            finally:
+                if previous is not None:
+                    model.set_lora_scaling(previous)
+
+    thread = threading.Thread(target=run, name="salmonn-generate", daemon=True)
+    thread.start()
+    try:
+        if streamer is not None:
+            text = ""
+            for piece in streamer:
+                text += piece
+                if text.strip():
+                    yield AnswerUpdate(text=text.strip())
+        thread.join()
+    finally:
+        stop.set()  # the caller stopped listening (Stop button, closed page): let `generate` end at the next token
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    new_ids = result["ids"][:, prompt_length:]
+    answer = processor.batch_decode(new_ids, skip_special_tokens=True)[0].strip()
+    yield AnswerUpdate(text=answer, done=True, new_tokens=int(new_ids.shape[1]), seconds=result["seconds"])
+
+
+# -- page ------------------------------------------------------------------------------------------------------
+
+
+def build_demo(model, processor, model_name: str | None = None):
+    """The Gradio page for `model` and `processor` (not launched: call `.launch()` on the returned Blocks)."""
+    gr = _import_gradio()
+
+    defaults = model.generation_config
+    default_scaling = model.lora_scaling
+    title = f"SALMONN{f' · {model_name}' if model_name else ''}"
+
+    def respond(
+        audio,
+        question,
+        history,
+        max_new_tokens,
+        num_beams,
+        do_sample,
+        temperature,
+        top_p,
+        repetition_penalty,
+        length_penalty,
+        lora_scaling,
+        seed,
+    ):
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("Type a question about the audio first.")
+        history = list(history or [])
+        try:
+            kwargs = generation_kwargs(
+                max_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty, length_penalty
+            )
+            updates = stream_answer(
+                model,
+                processor,
+                question,
+                audio=audio,
+                history=history,
+                generation_kwargs=kwargs,
+                lora_scaling=float(lora_scaling),
+                seed=int(seed) if do_sample and seed is not None else None,
+            )
+            chat = history + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+            yield chat, "", "Generating…"
+            for update in updates:
+                chat[-1] = {"role": "assistant", "content": update.text}
+                if update.done:
+                    rate = update.new_tokens / update.seconds if update.seconds > 0 else 0.0
+                    status = f"{update.new_tokens} new tokens in {update.seconds:.2f} s ({rate:.1f} tokens/s)"
+                    yield chat, "", status
+                else:
+                    yield chat, "", "Generating…"
+        except ValueError as err:  # bad audio file, bad settings: shown on the page, the server goes on
+            raise gr.Error(str(err)) from err
+
+    def new_conversation():
+        return [], ""
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"## {title}\nUpload or record an audio clip, then ask about it. Follow-up questions continue the "
+            "conversation about the same clip; a new clip starts a new conversation."
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                # No "share" buttons: they post to the Hugging Face Hub.
+                audio = gr.Audio(
+                    sources=["upload", "microphone"],
+                    type="filepath",
+                    label="Audio",
+                    buttons=["download"],
+                    elem_id="audio-input",
+                )
+                with gr.Accordion("Decoding settings", open=True):
+                    max_new_tokens = gr.Slider(
+                        1,
+                        1024,
+                        value=defaults.max_new_tokens or 200,
+                        step=1,
+                        label="Max new tokens",
+                        elem_id="max-new-tokens",
+                    )
+                    num_beams = gr.Slider(
+                        1,
+                        10,
+                        value=defaults.num_beams or 1,
+                        step=1,
+                        label="Beams",
+                        info="1 streams the answer token by token; beam search shows it when complete.",
+                        elem_id="num-beams",
+                    )
+                    lora_scaling = gr.Slider(
+                        0.0,
+                        max(8.0, 2 * default_scaling),
+                        value=default_scaling,
+                        step=0.1,
+                        label="LoRA scaling",
+                        info=f"Trained value {default_scaling:g}; lower it to follow the instruction more than the "
+                        "training tasks (the paper's activation discount).",
+                        elem_id="lora-scaling",
+                    )
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+                    length_penalty = gr.Slider(0.0, 2.0, value=1.0, step=0.1, label="Length penalty (beam search)")
+                    do_sample = gr.Checkbox(
+                        value=bool(defaults.do_sample), label="Sample (instead of greedy / beam search)"
+                    )
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (sampling)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
+                    seed = gr.Number(value=0, precision=0, label="Seed (sampling)")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    height=480,
+                    buttons=["copy", "copy_all"],
+                    feedback_options=None,
+                    elem_id="chat",
+                )
+                question = gr.Textbox(
+                    label="Question",
+                    placeholder="What do you hear in this recording? (Enter sends)",
+                    lines=1,
+                    max_lines=6,
+                    elem_id="question",
+                )
+                with gr.Row():
+                    submit = gr.Button("Ask", variant="primary", elem_id="submit")
+                    stop = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("New conversation", elem_id="clear")
+                status = gr.Markdown("", elem_id="status")
+
+        inputs = [
+            audio,
+            question,
+            chatbot,
+            max_new_tokens,
+            num_beams,
+            do_sample,
+            temperature,
+            top_p,
+            repetition_penalty,
+            length_penalty,
+            lora_scaling,
+            seed,
+        ]
+        outputs = [chatbot, question, status]
+        ask_click = submit.click(respond, inputs, outputs, api_name="ask")
+        ask_enter = question.submit(respond, inputs, outputs, api_visibility="private")
+        stop.click(None, cancels=[ask_click, ask_enter]).then(lambda: "Stopped.", None, status, queue=False)
+        clear.click(new_conversation, None, [chatbot, status], queue=False, cancels=[ask_click, ask_enter])
+        # The model sees the audio in the first user turn: another audio means another conversation.
+        audio.change(new_conversation, None, [chatbot, status], queue=False)
+    return demo
+
+
+def load_model_and_processor(model_name_or_path: str, dtype: str = "float32", device: str = "auto"):
+    """SALMONN and its processor through the Auto classes (remote code), in `dtype` on `device`."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA, but this torch sees no CUDA GPU")
+    model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(WebArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+
+    try:
+        _import_gradio()
+    except ImportError as err:
+        logger.error("%s", err)
+        return 2
+    try:
+        model, processor = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError) as err:
+        logger.error("Cannot load --model %s (--dtype %s, --device %s): %s", args.model, args.dtype, args.device, err)
+        return 2
+    logger.info("Loaded %s on %s (%s)", args.model, model.device, model.dtype)
+
+    demo = build_demo(model, processor, model_name=args.model)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
