@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 # SALMONN's results in Table 3 of the paper (arXiv:2310.13289 v2 / ICLR 2024), as {task: {test set: {metric:
 # value}}}, in the units `salmonn-eval` reports (percent for WER/PER/accuracy/following rate, 0-100 for BLEU,
-# METEOR, SPIDEr, ROUGE-L). The numbers were entered from the paper without access to its PDF here; only
-# the LibriSpeech WERs (2.1 / 4.9) could be cross-checked against a public benchmark listing. None marks a
-# number not known with confidence: fill it in from the PDF rather than guess.
+# METEOR, SPIDEr, ROUGE-L). The paper's PDF could not be read here; only the LibriSpeech WERs (2.1 / 4.9)
+# could be checked against a public benchmark listing, so only they are filled in. None marks a number not
+# checked: fill it in from the PDF rather than from memory.
 PAPER_TABLE3: dict[str, dict[str, dict[str, float | None]]] = {
     # level 1
     "asr": {
@@ -37,16 +37,16 @@ PAPER_TABLE3: dict[str, dict[str, dict[str, float | None]]] = {
         "LibriSpeech test-other": {"wer": 4.9},
         "GigaSpeech": {"wer": None},
     },
-    "en2zh": {"CoVoST2-En2Zh": {"bleu4": 33.1}},
-    "aac": {"AudioCaps": {"meteor": 24.0, "spider": 40.3}},
+    "en2zh": {"CoVoST2-En2Zh": {"bleu4": None}},
+    "aac": {"AudioCaps": {"meteor": None, "spider": None}},
     "pr": {"LibriSpeech test-clean": {"per": None}},
     "er": {"IEMOCAP": {"accuracy": None}},
-    "mc": {"MusicCaps": {"bleu4": 5.5, "rouge_l": 21.8}},
+    "mc": {"MusicCaps": {"bleu4": None, "rouge_l": None}},
     "osr": {"LibriMix": {"wer": None}},
     "sv": {"VoxCeleb1": {"accuracy": None}},
     # level 2
-    "en2de": {"CoVoST2-En2De": {"bleu4": 18.6}},
-    "en2ja": {"CoVoST2-En2Ja": {"bleu4": 22.7}},
+    "en2de": {"CoVoST2-En2De": {"bleu4": None}},
+    "en2ja": {"CoVoST2-En2Ja": {"bleu4": None}},
     "ke": {"Inspec": {"accuracy": None, "following_rate": None}},
     "sqqa": {"WikiQA": {"accuracy": None, "following_rate": None}},
     "sf": {"SLURP": {"accuracy": None, "following_rate": None}},
