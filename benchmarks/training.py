@@ -1,0 +1,196 @@
+"""
+Training throughput of SALMONN on CPU for the mid-size configuration of benchmarks/midsize.py (Whisper-base
+encoder, BEATs base, the 768-wide window Q-Former, a ~220 M LLaMA): samples per second and peak memory with and
+without gradient checkpointing, and the overhead of `SalmonnTrainer` against a plain PyTorch loop over the same
+model, optimiser, schedule and batches (target: within 10 %).
+
+    python benchmarks/training.py                 # prints one JSON object
+    python benchmarks/training.py --steps 8 --batch_size 4
+
+Each measurement runs in its own process so that peak memory (ru_maxrss) belongs to that configuration alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mid_size_model_and_processor(seed: int = 0):
+    """The shared mid-size SALMONN of the benchmarks (benchmarks/midsize.py), with fresh LoRA as training starts."""
+    from benchmarks.midsize import build_midsize
+
+    model, processor = build_midsize(seed=seed)
+    return model, processor
+
+
+def make_batches(processor, batch_size: int, count: int):
+    from training.collator import SalmonnDataCollator
+    from training.prompts import PromptPool
+    from training.synthetic import SOUND_CLASSES, make_clip
+
+    classes = [c for c in SOUND_CLASSES if c.kind != "speech"]
+    pool = PromptPool()
+    collator = SalmonnDataCollator(processor)
+    batches = []
+    start = time.perf_counter()
+    for b in range(count):
+        examples = []
+        for i in range(batch_size):
+            sound = classes[(b * batch_size + i) % len(classes)]
+            examples.append({"id": f"{b}-{i}", "audio": make_clip(sound, b * batch_size + i), "sampling_rate": 16000,
+                             "prompt": pool.choose("audiocaption", seed=i), "answer": sound.answer})
+        batch = collator(examples)
+        batch.pop("ids")
+        batches.append(batch)
+    return batches, (time.perf_counter() - start) / (count * batch_size)
+
+
+class _Batches:
+    """A dataset whose items are whole pre-collated batches (the Trainer then runs with batch size 1 + unwrap)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def _unwrap(features):
+    return dict(features[0])
+
+
+def measure(mode: str, steps: int, warmup: int, batch_size: int, checkpointing: bool) -> dict:
+    import torch
+
+    from training.trainer import SalmonnTrainer, salmonn_lr_lambda
+
+    torch.manual_seed(0)
+    model, processor = mid_size_model_and_processor()
+    batches, collate_seconds = make_batches(processor, batch_size, warmup + steps)
+    lr, wd = 3e-5, 0.05
+    result = {"mode": mode, "gradient_checkpointing": checkpointing, "batch_size": batch_size, "steps": steps,
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "parameters": sum(p.numel() for p in model.parameters()), "collate_seconds_per_sample": collate_seconds}
+
+    if mode == "plain":
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if p.ndim >= 2 and "bias" not in n], "weight_decay": wd},
+            {"params": [p for n, p in params if not (p.ndim >= 2 and "bias" not in n)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+        total = warmup + steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: salmonn_lr_lambda(s, lr, 1e-6, 1e-5, 3000, total)
+        )
+        ends = []
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ends.append(time.perf_counter())
+        seconds = ends[-1] - ends[warmup - 1]
+    else:
+        from transformers import TrainerCallback, TrainingArguments
+
+        class Timer(TrainerCallback):
+            """End time of every optimiser step: steady-state time includes data loading, logging and callbacks."""
+
+            def __init__(self):
+                self.ends = []
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.ends.append(time.perf_counter())
+
+        timer = Timer()
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=1, max_steps=warmup + steps, learning_rate=lr, weight_decay=wd,
+                warmup_steps=3000, max_grad_norm=0.0, logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
+                dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, activation_checkpointing=checkpointing,
+                seed=0,
+            )
+            trainer = SalmonnTrainer(model=model, args=args, train_dataset=_Batches(batches), data_collator=_unwrap, callbacks=[timer])
+            wall = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - wall
+        seconds = timer.ends[-1] - timer.ends[warmup - 1]
+        result["trainer_wall_seconds"] = wall
+    result["seconds"] = seconds
+    result["samples_per_second"] = steps * batch_size / seconds
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _run_child(mode: str, checkpointing: bool, args) -> dict:
+    cmd = [sys.executable, __file__, "--_child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch_size", str(args.batch_size)] + (["--_checkpointing"] if checkpointing else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="Timed optimiser steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first (at least 1).")
+    parser.add_argument("--batch_size", type=int, default=2, help="Clips per step.")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating plain/Trainer runs; the best of each is compared.")
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    sys.path.insert(0, str(REPO_ROOT))
+    if args._child:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(measure(args._child, args.steps, args.warmup, args.batch_size, args._checkpointing)))
+        return 0
+
+    runs = {"plain": [], "trainer": []}
+    for _ in range(args.repeats):
+        for mode in ("plain", "trainer"):
+            runs[mode].append(_run_child(mode, False, args))
+    checkpointed = _run_child("plain", True, args)
+    best = {mode: min(results, key=lambda r: r["seconds"]) for mode, results in runs.items()}
+    report = {
+        "configuration": {k: best["plain"][k] for k in ("parameters", "trainable_parameters", "batch_size", "steps")},
+        "collate_seconds_per_sample": best["plain"]["collate_seconds_per_sample"],
+        "samples_per_second": best["plain"]["samples_per_second"],
+        "samples_per_second_gradient_checkpointing": checkpointed["samples_per_second"],
+        "peak_rss_mb": best["plain"]["peak_rss_mb"],
+        "peak_rss_mb_gradient_checkpointing": checkpointed["peak_rss_mb"],
+        "trainer_samples_per_second": best["trainer"]["samples_per_second"],
+        "trainer_overhead": best["trainer"]["seconds"] / best["plain"]["seconds"] - 1.0,
+        "trainer_overhead_target": 0.10,
+        "all_runs": runs | {"plain_checkpointing": [checkpointed]},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""
+salmonn-train: the paper's three training stages on the `transformers` Trainer.
+
+    salmonn-train --stage pretrain --model_name_or_path converted/ --train_file asr_aac.json --output_dir stage1/
+    salmonn-train --stage instruct --model_name_or_path stage1/ --train_file instruct.json --output_dir stage2/
+    salmonn-train --stage activation --model_name_or_path stage2/ --train_file story_clips.json --output_dir stage3/
+    torchrun --nproc_per_node 8 -m training.train --stage pretrain ...              # DDP
+    accelerate launch --config_file training/recipes/accelerate_deepspeed_zero2.yaml -m training.train ...
+
+The recipe of the stage (`training/recipes/{stage}.yaml`: the paper's optimiser, schedule and batch size) gives the
+defaults; a YAML or JSON file of arguments given first (`salmonn-train my_run.yaml --seed 3`) overrides the recipe, and
+flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` receives the model and
+its processor (ready for `AutoModel` / `AutoProcessor` with `trust_remote_code=True`) and
+`salmonn_trainable.safetensors`, the trainable weights alone (apply it to a converted base with `python -m
+training.export`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+logger = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+STAGES = ("pretrain", "instruct", "activation")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "A converted or previously trained SALMONN folder or Hub id (loaded with trust_remote_code)."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the loaded weights: float32 (with --bf16/--fp16 for mixed precision), bfloat16, float16 or auto.",
+            "choices": ["float32", "bfloat16", "float16", "auto"],
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache folder for downloads."})
+    init_trainable_from: str | None = field(
+        default=None,
+        metadata={"help": "A salmonn_trainable.safetensors export loaded into the model before training starts."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: the original annotation JSON ({\"annotation\": [{path, text, task, Q?, expand_wav?}]}), "
+            "a JSON list, JSONL or CSV/TSV manifest, or a folder written by datasets' save_to_disk. For --stage "
+            "activation: the clips to write stories about (their text is not used)."
+        },
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats as --train_file."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` dataset (name or local folder) to train on instead of --train_file."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name (or of a DatasetDict folder) to train on."})
+    validation_split: str | None = field(default=None, metadata={"help": "Split used for validation, if any."})
+    audio_column: str = field(default="audio", metadata={"help": "Column of a `datasets` dataset with the audio (Audio feature, path or array)."})
+    text_column: str = field(default="text", metadata={"help": "Column with the answer."})
+    task_column: str = field(default="task", metadata={"help": "Column with the task name (missing -> --default_task)."})
+    question_column: str = field(default="Q", metadata={"help": "Column with the question that fills `{}` in prompts."})
+    id_column: str | None = field(default=None, metadata={"help": "Column with example ids (default: row numbers)."})
+    default_task: str = field(default="asr", metadata={"help": "Task of items that name none (the original's default)."})
+    prompt_file: str | None = field(
+        default=None,
+        metadata={"help": "JSON {task: [prompts]} in the original form; replaces the built-in pool of every task it names."},
+    )
+    audio_root: str | None = field(
+        default=None, metadata={"help": "Folder that relative audio paths start from (default: the manifest's folder)."}
+    )
+    max_txt_len: int = field(
+        default=300, metadata={"help": "Longest answer in tokens, </s> included; longer answers are cut at their end."}
+    )
+    truncate_audio: bool = field(
+        default=True,
+        metadata={"help": "Use only the first 30 s of each clip (the original). false: longer audio becomes several 30 s segments."},
+    )
+    strict_data: bool = field(
+        default=False, metadata={"help": "Stop with an error at the first bad item instead of skipping bad items with a warning."}
+    )
+    verify_audio: bool = field(
+        default=True, metadata={"help": "Check every audio file's header before training (finds unreadable files early)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training items."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation items."})
+
+
+@dataclass
+class SalmonnArguments:
+    stage: str = field(
+        default=None,
+        metadata={
+            "help": "Training stage; its recipe in training/recipes/ gives the defaults.",
+            "choices": list(STAGES),
+        },
+    )
+    lr_schedule: str = field(
+        default="salmonn",
+        metadata={
+            "help": "salmonn: linear warm-up from --warmup_start_lr to --learning_rate over --warmup_steps, then cosine "
+            "to --min_lr (the original). trainer: the Trainer's --lr_scheduler_type.",
+            "choices": ["salmonn", "trainer"],
+        },
+    )
+    warmup_start_lr: float = field(default=1e-6, metadata={"help": "Learning rate at step 0 of the warm-up."})
+    min_lr: float = field(default=1e-5, metadata={"help": "Learning rate the cosine ends at."})
+    decay_matrices_only: bool = field(
+        default=True, metadata={"help": "Weight decay only on parameters with 2 or more dimensions (the original)."}
+    )
+    checkpoint_trainable_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Checkpoints hold only the trainable weights (+ optimizer/scheduler/RNG), not the frozen encoders and LLM. "
+            "Resuming works the same; not with --load_best_model_at_end."
+        },
+    )
+    record_data_order: bool = field(
+        default=False, metadata={"help": "Each rank appends the example ids of its batches to output_dir/data_order/rankN.jsonl."}
+    )
+    eval_accuracy: bool = field(
+        default=True, metadata={"help": "Report next-token accuracy on the answers at evaluation (the original's metric)."}
+    )
+    activation_lora_scaling: float = field(
+        default=2.0, metadata={"help": "Activation tuning: LoRA scaling while writing the stories (the release uses 4.0)."}
+    )
+    activation_num_stories: int = field(default=12, metadata={"help": "Activation tuning: number of clips/stories."})
+    activation_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Activation tuning: the story instruction, with <SpeechHere> (default: the built-in story prompt)."},
+    )
+    activation_stories_file: str | None = field(
+        default=None,
+        metadata={"help": "Activation tuning: use these stories (a file written by an earlier run) instead of generating."},
+    )
+    activation_max_new_tokens: int = field(default=200, metadata={"help": "Activation tuning: longest story in tokens."})
+    activation_num_beams: int = field(default=4, metadata={"help": "Activation tuning: beams while writing stories."})
+    activation_batch_size: int = field(default=4, metadata={"help": "Activation tuning: clips per generate call."})
+    export_trainable: bool = field(
+        default=True, metadata={"help": "Also write output_dir/salmonn_trainable.safetensors (the trainable weights only)."}
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def _dict_to_argv(values: dict[str, Any], source: str) -> list[str]:
+    argv: list[str] = []
+    for key, value in values.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{source}: keys must be argument names, got {key!r}")
+        if value is None:
+            continue
+        flag = f"--{key}"
+        if isinstance(value, bool):
+            argv += [flag, "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def read_arguments_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"Cannot read arguments file {str(path)!r}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Arguments file {str(path)!r} must hold a mapping of argument names to values")
+    return data
+
+
+def recipe_path(stage: str) -> Path:
+    return RECIPES_DIR / f"{stage}.yaml"
+
+
+def build_parser():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    return HfArgumentParser((ModelArguments, DataArguments, SalmonnArguments, TrainingArguments))
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Recipe of the stage < optional arguments file (first argument, .yaml/.yml/.json) < command-line flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    file_values: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith((".yaml", ".yml", ".json")):
+        file_values = read_arguments_file(argv.pop(0))
+
+    stage = file_values.get("stage")
+    for i, arg in enumerate(argv):
+        if arg == "--stage" and i + 1 < len(argv):
+            stage = argv[i + 1]
+        elif arg.startswith("--stage="):
+            stage = arg.split("=", 1)[1]
+    recipe_values: dict[str, Any] = {}
+    if stage is not None and "-h" not in argv and "--help" not in argv:
+        if stage not in STAGES:
+            raise ValueError(f"--stage must be one of {list(STAGES)}, got {stage!r}")
+        recipe_values = read_arguments_file(recipe_path(stage))
+
+    merged = _dict_to_argv(recipe_values, f"recipe {stage}") + _dict_to_argv(file_values, "arguments file") + argv
+    parser = build_parser()
+    model_args, data_args, salmonn_args, training_args = parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False)
+    if salmonn_args.stage is None:
+        parser.error("--stage is required: one of pretrain, instruct, activation")
+    if model_args.model_name_or_path is None:
+        parser.error("--model_name_or_path is required")
+    if salmonn_args.stage != "activation" and data_args.train_file is None and data_args.dataset_name is None:
+        parser.error("give the training data with --train_file or --dataset_name")
+    if salmonn_args.stage == "activation" and data_args.train_file is None and data_args.dataset_name is None and salmonn_args.activation_stories_file is None:
+        parser.error("--stage activation needs clips (--train_file / --dataset_name) or --activation_stories_file")
+    return model_args, data_args, salmonn_args, training_args
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_items(data_args: DataArguments, split: str):
+    """The items of `split` ("train" or "validation") from a manifest, a saved dataset folder or --dataset_name."""
+    from .data import load_hf_dataset, load_manifest
+
+    path = data_args.train_file if split == "train" else data_args.validation_file
+    columns = dict(
+        audio_column=data_args.audio_column,
+        text_column=data_args.text_column,
+        task_column=data_args.task_column,
+        question_column=data_args.question_column,
+        id_column=data_args.id_column,
+        default_task=data_args.default_task,
+        audio_root=data_args.audio_root,
+    )
+    if path is not None:
+        if os.path.isdir(path):
+            return load_hf_dataset(path, split=data_args.train_split if split == "train" else (data_args.validation_split or "validation"), **columns)
+        return load_manifest(path, audio_root=data_args.audio_root, default_task=data_args.default_task)
+    if data_args.dataset_name is not None:
+        hf_split = data_args.train_split if split == "train" else data_args.validation_split
+        if hf_split is None:
+            return None
+        return load_hf_dataset(data_args.dataset_name, data_args.dataset_config_name, split=hf_split, **columns)
+    return None
+
+
+def _limit(items, limit: int | None):
+    if limit is None or limit >= len(items):
+        return items
+    if isinstance(items, list):
+        return items[:limit]
+    items.dataset = items.dataset.select(range(limit))
+    return items
+
+
+def prepare_activation_items(model, processor, data_args, salmonn_args, training_args, prompts) -> list[dict]:
+    """Writes the stories (main process first; the other ranks read them) or reads a given stories file."""
+    from .activation import STORIES_FILE, build_story_items, read_stories, write_stories
+    from .data import SalmonnTrainDataset
+    from .prompts import DEFAULT_STORY_PROMPT
+
+    clips = None
+    raw = load_items(data_args, "train")
+    if raw is not None:
+        clips = SalmonnTrainDataset(
+            _limit(raw, data_args.max_train_samples), prompts, seed=training_args.seed, name="activation clips",
+            strict=data_args.strict_data, require_text=False, verify_audio=data_args.verify_audio,
+        )
+    if salmonn_args.activation_stories_file:
+        return read_stories(salmonn_args.activation_stories_file, clips)
+
+    stories_path = Path(training_args.output_dir) / STORIES_FILE
+    with training_args.main_process_first(desc="activation stories"):
+        if training_args.process_index == 0 and not (training_args.resume_from_checkpoint and stories_path.is_file()):
+            items = build_story_items(
+                clips,
+                model,
+                processor,
+                salmonn_args.activation_prompt or DEFAULT_STORY_PROMPT,
+                salmonn_args.activation_lora_scaling,
+                salmonn_args.activation_num_stories,
+                generation_kwargs={
+                    "max_new_tokens": salmonn_args.activation_max_new_tokens,
+                    "num_beams": salmonn_args.activation_num_beams,
+                    "do_sample": False,
+                },
+                batch_size=salmonn_args.activation_batch_size,
+            )
+            write_stories(items, stories_path)
+            logger.info("Wrote %d stories (LoRA scaling %.3g) to %s", len(items), salmonn_args.activation_lora_scaling, stories_path)
+    return read_stories(stories_path, clips)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# main
+
+
+def setup_logging(training_args) -> None:
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    logging.getLogger("training").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def run(model_args, data_args, salmonn_args, training_args) -> dict:
+    import torch
+    from transformers import AutoModel, AutoProcessor, set_seed
+    from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+
+    from .collator import SalmonnDataCollator
+    from .data import SalmonnTrainDataset
+    from .export import TRAINABLE_EXPORT_NAME, export_from_saved_folder, load_trainable_export
+    from .prompts import DEFAULT_STORY_PROMPT, PromptPool
+    from .trainer import DatasetEpochCallback, SalmonnTrainer, preprocess_logits_for_accuracy, token_accuracy
+
+    setup_logging(training_args)
+    logger.info("Stage %s; training arguments %s", salmonn_args.stage, training_args)
+
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "latest"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {training_args.output_dir}")
+    elif resume is not None and not os.path.isdir(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    training_args.resume_from_checkpoint = resume
+
+    set_seed(training_args.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[model_args.model_dtype]
+    load_kwargs = dict(trust_remote_code=True, revision=model_args.revision, cache_dir=model_args.cache_dir)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    model = AutoModel.from_pretrained(model_args.model_name_or_path, dtype=dtype, **load_kwargs)
+    for needed in ("trainable_state_dict", "set_lora_scaling", "is_trainable_parameter"):
+        if not hasattr(model, needed):
+            raise ValueError(f"{model_args.model_name_or_path!r} is not a SALMONN model ({type(model).__name__} has no {needed})")
+    if model_args.init_trainable_from:
+        load_trainable_export(model, model_args.init_trainable_from)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Trainable parameters: %s of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
+
+    if salmonn_args.stage == "activation":
+        story_prompt = salmonn_args.activation_prompt or DEFAULT_STORY_PROMPT
+        prompts = PromptPool(prompt_file=data_args.prompt_file)
+        story_items = prepare_activation_items(model, processor, data_args, salmonn_args, training_args, prompts)
+        # Training uses the very prompt the stories were written for.
+        train_prompts = PromptPool({**prompts.pools, "audio_story_telling": [story_prompt]})
+        train_dataset = SalmonnTrainDataset(story_items, train_prompts, seed=training_args.seed, name="activation stories", strict=True, verify_audio=False)
+    else:
+        train_prompts = PromptPool(prompt_file=data_args.prompt_file)
+        train_items = load_items(data_args, "train")
+        train_dataset = None
+        if train_items is not None:
+            train_dataset = SalmonnTrainDataset(
+                _limit(train_items, data_args.max_train_samples), train_prompts, seed=training_args.seed, name="train",
+                strict=data_args.strict_data, verify_audio=data_args.verify_audio,
+            )
+
+    eval_dataset = None
+    eval_items = load_items(data_args, "validation") if (data_args.validation_file or data_args.validation_split) else None
+    if eval_items is not None:
+        eval_dataset = SalmonnTrainDataset(
+            _limit(eval_items, data_args.max_eval_samples), train_prompts, seed=training_args.seed, name="validation",
+            strict=data_args.strict_data, verify_audio=data_args.verify_audio,
+        )
+    elif training_args.eval_strategy != IntervalStrategy.NO:
+        logger.info("No validation data: evaluation during training is off")
+        training_args.eval_strategy = IntervalStrategy.NO
+        training_args.do_eval = False
+        training_args.load_best_model_at_end = False
+
+    # The Trainer must not drop the collator's inputs, and DDP has no unused parameters to look for.
+    training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+
+    collator = SalmonnDataCollator(processor, max_txt_len=data_args.max_txt_len, truncate_audio=data_args.truncate_audio)
+    trainer = SalmonnTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[DatasetEpochCallback(train_dataset)] if train_dataset is not None else None,
+        compute_metrics=token_accuracy if (eval_dataset is not None and salmonn_args.eval_accuracy) else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_accuracy if (eval_dataset is not None and salmonn_args.eval_accuracy) else None,
+        lr_schedule=salmonn_args.lr_schedule,
+        warmup_start_lr=salmonn_args.warmup_start_lr,
+        min_lr=salmonn_args.min_lr,
+        decay_matrices_only=salmonn_args.decay_matrices_only,
+        checkpoint_trainable_only=salmonn_args.checkpoint_trainable_only,
+        record_data_order=salmonn_args.record_data_order,
+    )
+
+    metrics: dict[str, Any] = {}
+    if train_dataset is not None:
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics.update(result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.save_model()  # model + processor (+ remote code) in output_dir
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if salmonn_args.export_trainable and training_args.should_save:
+            export_from_saved_folder(training_args.output_dir, model, Path(training_args.output_dir) / TRAINABLE_EXPORT_NAME)
+    if eval_dataset is not None and (training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO):
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"SALMONN {salmonn_args.stage} stage", tags=["salmonn", salmonn_args.stage])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, salmonn_args, training_args = parse_arguments(argv)
+    except ValueError as err:
+        print(f"salmonn-train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(model_args, data_args, salmonn_args, training_args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.debug("salmonn-train failed", exc_info=True)
+        print(f"salmonn-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
