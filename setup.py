@@ -9,7 +9,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_salmonn", "conversion", "training", "training.*", "inference", "evaluation"]),
-    package_data={"training": ["recipes/*", "prompts/*.json"], "conversion": ["*.md"]},
+    package_data={"training": ["recipes/*", "prompts/*.json"], "conversion": ["*.md"], "inference": ["demo_model/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1",

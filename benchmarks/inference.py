@@ -138,10 +138,10 @@ def run_suite(name: str, model, processor, items, args: BenchmarkArguments, batc
     for _ in range(args.repeats):
         for batch_size in batch_sizes:
             best[batch_size] = min(best[batch_size], time_batches(model, processor, items, batch_size, args.new_tokens))
-    results = {}
+    results, cpu_rates = {}, {}
     for batch_size in batch_sizes:
         wall, cpu = best[batch_size]
-        results[batch_size] = len(items) / wall
+        results[batch_size], cpu_rates[batch_size] = len(items) / wall, len(items) / cpu
         print(
             f"[{name}] batch {batch_size}: {len(items)} clips in {wall:.1f} s (CPU time {cpu:.1f} s) -> "
             f"{results[batch_size]:.3f} clips/s",
@@ -150,7 +150,11 @@ def run_suite(name: str, model, processor, items, args: BenchmarkArguments, batc
     base = results.get(1)
     if base:
         for batch_size in batch_sizes[1:]:
-            print(f"[{name}] batch {batch_size}: speed-up over one-by-one {results[batch_size] / base:.2f}x", flush=True)
+            print(
+                f"[{name}] batch {batch_size}: speed-up over one-by-one {results[batch_size] / base:.2f}x "
+                f"(in CPU time: {cpu_rates[batch_size] / cpu_rates[1]:.2f}x)",
+                flush=True,
+            )
     ttft, rate = time_to_first_token(model, processor, items[: args.ttft_runs], args.new_tokens, args.repeats)
     print(f"[{name}] time to first token (batch 1, from raw audio to the first new token): {ttft:.2f} s", flush=True)
     print(f"[{name}] decoding speed (batch 1, after the first token): {rate:.2f} tokens/s", flush=True)

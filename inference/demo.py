@@ -48,19 +48,24 @@ def synthesize_clip(seconds: float = 2.0, sampling_rate: int = 16000) -> np.ndar
 def build_demo_folder(save_dir: Path, seed: int) -> bool:
     """Writes the tiny model into `save_dir`; returns whether its weights are trained."""
     if (DEMO_MODEL_DIR / "config.json").is_file():
-        from transformers import AutoModel, AutoProcessor
+        import shutil
 
-        model = AutoModel.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR, trust_remote_code=True)
-        trained = True
+        from modeling_salmonn.modeling_salmonn import REMOTE_CODE_FILES
+
+        # The shipped folder holds weights, config and processor files; the code comes from this package, so the
+        # demo never runs stale copies of the model files.
+        shutil.copytree(DEMO_MODEL_DIR, save_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py"))
+        package_dir = Path(__file__).resolve().parents[1] / "modeling_salmonn"
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(package_dir / name, save_dir / name)
+        return True
     else:
         from .tiny import build_tiny_model_and_processor
 
         model, processor = build_tiny_model_and_processor(seed=seed)
-        trained = False
-    model.save_pretrained(save_dir)
-    processor.save_pretrained(save_dir)
-    return trained
+        model.save_pretrained(save_dir)
+        processor.save_pretrained(save_dir)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,7 +160,7 @@ def greedy_answers(model, processor, clips: list[np.ndarray], instruction: str, 
 
 
 def train_on_synthetic_audio(
-    work_dir: str | Path, classes, clips_per_class: int = 32, max_steps: int = 250, learning_rate: float = 5e-3,
+    work_dir: str | Path, classes, clips_per_class: int = 32, max_steps: int = 450, learning_rate: float = 5e-3,
     seed: int = 0, prompts: dict[str, list[str]] = DEMO_PROMPTS, batch_size: int = 8, extra_args: list[str] | None = None,
 ) -> dict:
     """
@@ -192,7 +192,7 @@ def train_on_synthetic_audio(
         "--save_strategy", "no",
         "--logging_steps", "5",
         "--logging_first_step", "true",
-        "--dataloader_num_workers", "0",
+        "--dataloader_num_workers", "1",
         "--seed", str(seed),
         "--use_cpu", "true",
         "--disable_tqdm", "true",
@@ -219,7 +219,7 @@ def held_out_accuracy(model, processor, classes, clips_per_class: int = 4, seed:
 class BuildArguments:
     output_dir: str = field(default=str(DEMO_MODEL_DIR), metadata={"help": "Where the demo model folder is written."})
     clips_per_class: int = field(default=32, metadata={"help": "Synthetic training clips per sound class."})
-    max_steps: int = field(default=250, metadata={"help": "SALMONN training steps."})
+    max_steps: int = field(default=450, metadata={"help": "SALMONN training steps."})
     learning_rate: float = field(default=5e-3, metadata={"help": "Peak learning rate of SALMONN training."})
     seed: int = field(default=0, metadata={"help": "Seed of the base model, the clips and training."})
     speech: bool = field(default=True, metadata={"help": "Also train the spoken-word class (needs espeak-ng)."})
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps(
                     {"classes": [c.name for c in classes], "answers": [c.answer for c in classes],
                      "held_out_accuracy": accuracy, "first_loss": losses[0], "last_loss": losses[-1],
-                     "demo_answer": demo_answer, "arguments": vars(args)},
+                     "demo_answer": demo_answer,
+                     "arguments": {k: v for k, v in vars(args).items() if k != "output_dir"}},
                     indent=2,
                 ),
                 encoding="utf-8",

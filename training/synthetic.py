@@ -131,7 +131,9 @@ def make_clip(sound: SoundClass | str, seed: int = 0, rate: int = SAMPLING_RATE)
         raise ValueError(f"Unknown sound kind {sound.kind!r}")
     lead = np.zeros(int(rng.uniform(0.0, 0.4) * rate))
     clip = np.concatenate([lead, core, np.zeros(int(rng.uniform(0.0, 0.3) * rate))])
-    clip += 0.003 * rng.standard_normal(len(clip))  # a faint floor so that silence is never exactly zero
+    # Half of the clips get a faint background hiss, the others keep digital silence around the sound.
+    if rng.random() < 0.5:
+        clip += 10 ** rng.uniform(-3.3, -2.0) * rng.standard_normal(len(clip))
     return np.clip(clip, -1.0, 1.0)
 
 

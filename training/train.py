@@ -295,20 +295,27 @@ def prepare_activation_items(model, processor, data_args, salmonn_args, training
     stories_path = Path(training_args.output_dir) / STORIES_FILE
     with training_args.main_process_first(desc="activation stories"):
         if training_args.process_index == 0 and not (training_args.resume_from_checkpoint and stories_path.is_file()):
-            items = build_story_items(
-                clips,
-                model,
-                processor,
-                salmonn_args.activation_prompt or DEFAULT_STORY_PROMPT,
-                salmonn_args.activation_lora_scaling,
-                salmonn_args.activation_num_stories,
-                generation_kwargs={
-                    "max_new_tokens": salmonn_args.activation_max_new_tokens,
-                    "num_beams": salmonn_args.activation_num_beams,
-                    "do_sample": False,
-                },
-                batch_size=salmonn_args.activation_batch_size,
-            )
+            import torch
+
+            if not (training_args.deepspeed or training_args.fsdp):
+                model.to(training_args.device)  # the Trainer would move it there anyway
+            autocast_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+            autocast = torch.autocast(training_args.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+            with autocast:
+                items = build_story_items(
+                    clips,
+                    model,
+                    processor,
+                    salmonn_args.activation_prompt or DEFAULT_STORY_PROMPT,
+                    salmonn_args.activation_lora_scaling,
+                    salmonn_args.activation_num_stories,
+                    generation_kwargs={
+                        "max_new_tokens": salmonn_args.activation_max_new_tokens,
+                        "num_beams": salmonn_args.activation_num_beams,
+                        "do_sample": False,
+                    },
+                    batch_size=salmonn_args.activation_batch_size,
+                )
             write_stories(items, stories_path)
             logger.info("Wrote %d stories (LoRA scaling %.3g) to %s", len(items), salmonn_args.activation_lora_scaling, stories_path)
     return read_stories(stories_path, clips)
