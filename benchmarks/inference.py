@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import HfArgumentParser
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BenchmarkArguments:
+    size: Literal["mid", "tiny"] = field(default="mid", metadata={"help": "mid: the mid-size model above; tiny: the test model (smoke runs)."})
     clips: int = field(default=8, metadata={"help": "Number of clips (at least the largest batch size)."})
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8], metadata={"help": "Batch sizes to time."})
     new_tokens: int = field(default=32, metadata={"help": "Tokens generated per clip (exactly this many)."})
@@ -203,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         for i, seconds in enumerate(lengths)
     ]
 
-    model, processor = build_midsize(seed=args.seed)
+    if args.size == "mid":
+        model, processor = build_midsize(seed=args.seed)
+    else:
+        from inference.tiny import build_tiny_model_and_processor
+
+        model, processor = build_tiny_model_and_processor(seed=args.seed)
     counts = parameter_counts(model)
     print(
         "model: " + ", ".join(f"{k} {v:.1f} M" for k, v in counts.items())
@@ -237,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu and torch.cuda.is_available():
         del model
         release_free_memory()
-        model, processor = build_midsize(seed=args.seed, dtype=torch.bfloat16)
+        if args.size == "mid":
+            model, processor = build_midsize(seed=args.seed, dtype=torch.bfloat16)
+        else:
+            model, processor = build_tiny_model_and_processor(seed=args.seed)
+            model.to(torch.bfloat16)
         model.to("cuda")
         print(f"GPU: {torch.cuda.get_device_name()}", flush=True)
         run_suite("cuda bfloat16", model, processor, items, args, args.batch_sizes)

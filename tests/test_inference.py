@@ -588,3 +588,20 @@ def test_batch_equals_single_on_converted_fixture_a(tmp_path):
         assert alone.tolist() == expected, name
         assert new[row, : len(expected)].tolist() == expected, name
         assert bool((new[row, len(expected) :] == golden["pad_id"]).all()), name
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_on_the_tiny_model(capsys):
+    from benchmarks.inference import main as inference_benchmark
+    from benchmarks.long_audio import main as long_audio_benchmark
+
+    assert inference_benchmark(["--size", "tiny", "--clips", "2", "--batch-sizes", "1", "2", "--new-tokens", "3",
+                                "--ttft-runs", "1", "--repeats", "1", "--no-gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2: speed-up over one-by-one" in out and "[cpu int8 LLM] LLM weights" in out and "tokens/s" in out
+    assert long_audio_benchmark(["--size", "tiny", "--durations", "30", "65"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith("Mi")]
+    assert [(r[2], r[3]) for r in rows] == [("1", "88"), ("3", "264")]
