@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import logging
-import shutil
 
 import numpy as np
 import pytest

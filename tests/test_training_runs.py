@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +49,7 @@ def setup(tmp_path_factory):
 def test_resume_after_a_kill_reaches_the_same_weights(setup, tmp_path):
     """Q-Former and LoRA dropout are on, the data is shuffled and prompts vary: RNG, sampler and prompt state must resume."""
     base, manifest, env = setup["base"], setup["manifest"], _env(tmp_path)
-    steps = ["--max_steps", "8", "--seed", "11"]
+    steps = ["--max_steps", "16", "--seed", "11"]
 
     full = tmp_path / "full"
     subprocess.run([sys.executable, *_train_cmd(base, manifest, full, *steps, "--save_strategy", "no")],
@@ -60,10 +59,16 @@ def test_resume_after_a_kill_reaches_the_same_weights(setup, tmp_path):
     process = subprocess.Popen([sys.executable, *_train_cmd(base, manifest, killed, *steps, "--save_steps", "3")],
                                env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = killed / "checkpoint-3" / "trainer_state.json"
+
+    def checkpoint_complete() -> bool:  # the Trainer writes trainer_state.json last
+        try:
+            return json.loads(state_file.read_text())["global_step"] == 3
+        except (OSError, ValueError, KeyError):
+            return False
+
     deadline = time.time() + 600
-    while not state_file.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the state file be written completely
+    while not checkpoint_complete() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert state_file.exists(), "the run ended before its first checkpoint"
