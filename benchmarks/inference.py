@@ -113,7 +113,7 @@ def time_to_first_token(model, processor, items, new_tokens: int, repeats: int =
     """Time to first token (from raw audio) and decoding tokens/s, one clip at a time: means over clips of the best runs."""
     import torch
 
-    from inference.engine import build_inputs, embed_audio_once, prepare_item
+    from inference.engine import build_inputs, prepare_item
 
     ttfts, rates = [], []
     for item in items:
@@ -123,7 +123,7 @@ def time_to_first_token(model, processor, items, new_tokens: int, repeats: int =
             start = time.perf_counter()
             inputs = build_inputs(model, processor, [prepare_item(processor, item)])
             with torch.inference_mode():
-                model.generate(**embed_audio_once(model, inputs), **generation_kwargs(new_tokens), streamer=streamer)
+                model.generate(**inputs, **generation_kwargs(new_tokens), streamer=streamer)
             first, last = streamer.times[1], streamer.times[-1]  # times[0] is the prompt
             best_ttft = min(best_ttft, first - start)
             best_rate = max(best_rate, (len(streamer.times) - 2) / (last - first))
@@ -178,11 +178,8 @@ def logits_error(model, reference_logits, inputs) -> tuple[float, float]:
     """Relative L2 error of the prompt logits against float32, and the share of positions with the same argmax."""
     import torch
 
-    from inference.engine import embed_audio_once
-
     with torch.inference_mode():
-        embeds = embed_audio_once(model, inputs)
-        logits = model(inputs_embeds=embeds["inputs_embeds"], attention_mask=embeds["attention_mask"]).logits.float()
+        logits = model(**inputs).logits.float()
     error = float((logits - reference_logits).norm() / reference_logits.norm())
     agree = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
     return error, agree
@@ -221,12 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     run_suite("cpu float32", model, processor, items, args, args.batch_sizes)
 
     if args.int8:
-        from inference.engine import build_inputs, embed_audio_once, prepare_item, quantize_llm_int8
+        from inference.engine import build_inputs, prepare_item, quantize_llm_int8
 
         probe = build_inputs(model, processor, [prepare_item(processor, item) for item in items[:2]])
         with torch.inference_mode():
-            embeds = embed_audio_once(model, probe)
-            reference = model(inputs_embeds=embeds["inputs_embeds"], attention_mask=embeds["attention_mask"]).logits.float()
+            reference = model(**probe).logits.float()
         release_free_memory()
         before_mib, before_rss = llm_weight_mib(model), rss_mib()
         quantize_llm_int8(model)

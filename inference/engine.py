@@ -294,27 +294,13 @@ def build_inputs(model, processor, prepared: list[PreparedItem]):
     }
 
 
-def embed_audio_once(model, inputs: dict) -> dict:
-    """
-    `generate` inputs with the audio already written into `inputs_embeds`. Beam search and `num_return_sequences`
-    then repeat the embeddings of each row instead of encoding every 30 s segment once per beam; the ids are the same.
-    """
-    if inputs.get("input_features") is None:
-        return inputs
-    with torch.inference_mode():
-        inputs_embeds, _ = model.model.embed_inputs(
-            inputs["input_ids"], inputs["input_features"], inputs["input_values"], inputs.get("input_values_mask")
-        )
-    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "inputs_embeds": inputs_embeds}
-
-
 def _generate(model, processor, prepared: list[PreparedItem], generation_kwargs: dict | None) -> list[str]:
     generation_kwargs = dict(generation_kwargs or {})
     if generation_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("generation_kwargs: num_return_sequences must be 1 (one answer per item)")
     inputs = build_inputs(model, processor, prepared)
     with torch.inference_mode():
-        output = model.generate(**embed_audio_once(model, inputs), **generation_kwargs)
+        output = model.generate(**inputs, **generation_kwargs)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -348,7 +334,7 @@ def stream_answer(model, processor, item: dict, generation_kwargs: dict | None =
     def work():
         try:
             with torch.inference_mode():
-                model.generate(**embed_audio_once(model, inputs), **generation_kwargs, streamer=streamer)
+                model.generate(**inputs, **generation_kwargs, streamer=streamer)
         except BaseException as err:  # surfaced in the caller's thread below
             failure.append(err)
             streamer.end()
@@ -446,7 +432,6 @@ __all__ = [
     "bitsandbytes_config",
     "build_inputs",
     "build_prompt",
-    "embed_audio_once",
     "generate_answers",
     "load_model_and_processor",
     "prepare_item",

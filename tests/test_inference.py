@@ -99,17 +99,46 @@ def test_batch_generate_equals_one_by_one(sharp, num_beams):
     assert len({tuple(r) for r in rows}) > 1, "every clip gave the same answer: the test would not see a mix-up"
 
 
-def test_beam_expansion_keeps_each_rows_segments_together(sharp):
+def test_generate_encodes_each_segment_once_for_all_beams(sharp, monkeypatch):
     model, processor = sharp
     clips = [clip(2.0, 440.0, 0), clip(65.0, 880.0, 1), clip(1.0, 300.0, 2)]  # 1, 3 and 1 segments
-    batch = processor(text=[processor.format_prompt("Describe.")] * 3, audio=clips, sampling_rate=RATE)
-    segments = batch["input_features"]
-    assert segments.shape[0] == 5
-    ids, kwargs = model._expand_inputs_for_generation(expand_size=2, input_ids=batch["input_ids"], **{k: batch[k] for k in AUDIO_KEYS}, attention_mask=batch["attention_mask"])
-    assert ids.shape[0] == 6
-    order = [0, 0, 1, 2, 3, 1, 2, 3, 4, 4]
-    torch.testing.assert_close(kwargs["input_features"], segments[order], atol=0, rtol=0)
-    torch.testing.assert_close(kwargs["input_values_mask"], batch["input_values_mask"][order], atol=0, rtol=0)
+    texts = [processor.format_prompt("Describe.")] * 3
+    batch = processor(text=texts, audio=clips, sampling_rate=RATE)
+    encoded = []
+    encode = model.model.speech_encoder.forward
+    monkeypatch.setattr(model.model.speech_encoder, "forward", lambda features, **kw: encoded.append(features.shape[0]) or encode(features, **kw))
+    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, **kwargs)
+    assert encoded == [5] and out.shape[0] == 6
+    # Each prompt's returned beams are those of the prompt alone: its own segments stayed together.
+    width = batch["input_ids"].shape[1]
+    for i, (text, audio) in enumerate(zip(texts, clips)):
+        single = processor(text=text, audio=audio, sampling_rate=RATE)
+        with torch.no_grad():
+            alone = model.generate(**single, **kwargs)[:, single["input_ids"].shape[1] :]
+        rows = out[2 * i : 2 * i + 2, width : width + alone.shape[1]]
+        assert rows.tolist() == alone.tolist(), f"prompt {i}"
+    with pytest.raises(ValueError, match="use_cache=True"):
+        model.generate(**batch, use_cache=False, max_new_tokens=2)
+
+
+def test_long_audio_is_encoded_in_chunks_with_the_same_result(sharp, monkeypatch):
+    import modeling_salmonn.modeling_salmonn as modeling
+
+    model, processor = sharp
+    clips = [clip(95.0, 440.0, 0), clip(3.0, 880.0, 1)]  # 4 + 1 segments
+    batch = processor(text=[processor.format_prompt("Describe.")] * 2, audio=clips, sampling_rate=RATE)
+    whole = _audio_features(model, batch)
+    widths = []
+    encode = model.model.beats.forward
+    monkeypatch.setattr(model.model.beats, "forward", lambda values, **kw: widths.append(tuple(values.shape[:2])) or encode(values, **kw))
+    monkeypatch.setattr(modeling, "AUDIO_SEGMENTS_PER_CHUNK", 2)
+    chunked = _audio_features(model, batch)
+    full_width = batch["input_values"].shape[1]
+    # Chunks of 2 segments; the last chunk holds only the 3 s clip and BEATs sees its real frames only.
+    assert [w[0] for w in widths] == [2, 2, 1] and widths[0][1] == full_width and widths[2][1] < full_width / 5
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=0)
 
 
 def test_generate_answers_and_run_items_match_one_by_one(sharp):
@@ -263,6 +292,11 @@ def test_half_precision_load_and_generate_on_cpu(checkpoint, dtype):
     model, _ = engine.load_model_and_processor(str(checkpoint), dtype=dtype)
     assert model.lm_head.weight.dtype == engine.DTYPES[dtype]
     assert model.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == engine.DTYPES[dtype]
+    assert model.model.speech_encoder.conv1.weight.dtype == model.model.beats.patch_embedding.weight.dtype == engine.DTYPES[dtype]
+    # The window-level Q-Former and the parts around it stay float32 (`_keep_in_fp32_modules_strict`).
+    kept = [model.model.ln_speech.weight, model.model.ln_audio.weight, model.model.speech_query_tokens,
+            model.model.speech_qformer.layernorm.weight, model.model.speech_llama_proj.weight]
+    assert all(p.dtype == torch.float32 for p in kept)
     item = {"audio": clip(3.0, 440.0, 0), "sampling_rate": RATE, "prompt": "Describe the audio."}
     prepared = [engine.prepare_item(processor, item)]
     inputs32 = engine.build_inputs(model32, processor, prepared)
