@@ -67,7 +67,7 @@ def build_midsize(seed: int = 0, dtype: torch.dtype = torch.float32):
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    model = model.to(dtype).eval()
+    model = cast_like_from_pretrained(model, dtype).eval()
     processor = SalmonnProcessor(
         SalmonnFeatureExtractor(),
         tokenizer,
@@ -75,6 +75,17 @@ def build_midsize(seed: int = 0, dtype: torch.dtype = torch.float32):
         audio_tokens_per_segment=config.audio_tokens_per_segment,
     )
     return model, processor
+
+
+def cast_like_from_pretrained(model, dtype: torch.dtype, keep_float32: bool = True):
+    """`model.to(dtype)`, keeping `_keep_in_fp32_modules_strict` in float32 for half dtypes as `from_pretrained` does."""
+    model = model.to(dtype)
+    if keep_float32 and dtype in (torch.float16, torch.bfloat16):
+        kept = set(model._keep_in_fp32_modules_strict or ())
+        for name, param in model.named_parameters():
+            if kept & set(name.split(".")):
+                param.data = param.data.float()
+    return model
 
 
 def parameter_counts(model) -> dict[str, float]:

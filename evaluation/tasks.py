@@ -25,34 +25,35 @@ from .normalizers import get_text_normalizer
 logger = logging.getLogger(__name__)
 
 
-# SALMONN's results in Table 3 of the paper (arXiv:2310.13289 v2 / ICLR 2024), as {task: {test set: {metric:
-# value}}}, in the units `salmonn-eval` reports (percent for WER/PER/accuracy/following rate, 0-100 for BLEU,
-# METEOR, SPIDEr, ROUGE-L). The paper's PDF could not be read here; only the LibriSpeech WERs (2.1 / 4.9)
-# could be checked against a public benchmark listing, so only they are filled in. None marks a number not
-# checked: fill it in from the PDF rather than from memory.
+# SALMONN's results in Table 3 of the paper (arXiv:2310.13289 v2 / ICLR 2024; the final model, after activation
+# tuning), as {task: {test set: {metric: value}}}, in the units `salmonn-eval` reports: the paper gives accuracies
+# and following rates as fractions (0.69), here they are percent (69.0); BLEU4, METEOR, SPIDEr and ROUGE-L are
+# 0-100 in both. The PDF could not be opened here: the values were taken from a public reading note that
+# transcribes the table, and the LibriSpeech WERs also agree with a public benchmark listing. The paper reports
+# no gender-recognition number in this table, hence no `gr` row.
 PAPER_TABLE3: dict[str, dict[str, dict[str, float | None]]] = {
     # level 1
     "asr": {
         "LibriSpeech test-clean": {"wer": 2.1},
         "LibriSpeech test-other": {"wer": 4.9},
-        "GigaSpeech": {"wer": None},
+        "GigaSpeech": {"wer": 10.0},
     },
-    "en2zh": {"CoVoST2-En2Zh": {"bleu4": None}},
-    "aac": {"AudioCaps": {"meteor": None, "spider": None}},
-    "pr": {"LibriSpeech test-clean": {"per": None}},
-    "er": {"IEMOCAP": {"accuracy": None}},
-    "mc": {"MusicCaps": {"bleu4": None, "rouge_l": None}},
-    "osr": {"LibriMix": {"wer": None}},
-    "sv": {"VoxCeleb1": {"accuracy": None}},
+    "en2zh": {"CoVoST2-En2Zh": {"bleu4": 33.1}},
+    "aac": {"AudioCaps": {"meteor": 24.0, "spider": 40.3}},
+    "pr": {"LibriSpeech test-clean": {"per": 4.2}},
+    "er": {"IEMOCAP": {"accuracy": 69.0}},
+    "mc": {"MusicCaps": {"bleu4": 5.5, "rouge_l": 21.8}},
+    "osr": {"LibriMix": {"wer": 23.0}},
+    "sv": {"VoxCeleb1": {"accuracy": 94.0}},
     # level 2
-    "en2de": {"CoVoST2-En2De": {"bleu4": None}},
-    "en2ja": {"CoVoST2-En2Ja": {"bleu4": None}},
-    "ke": {"Inspec": {"accuracy": None, "following_rate": None}},
-    "sqqa": {"WikiQA": {"accuracy": None, "following_rate": None}},
-    "sf": {"SLURP": {"accuracy": None, "following_rate": None}},
+    "en2de": {"CoVoST2-En2De": {"bleu4": 18.6}},
+    "en2ja": {"CoVoST2-En2Ja": {"bleu4": 22.7}},
+    "ke": {"Inspec": {"accuracy": 32.0}},
+    "sqqa": {"WikiQA": {"accuracy": 41.0, "following_rate": 98.0}},
+    "sf": {"SLURP": {"accuracy": 41.0, "following_rate": 99.0}},
     # level 3
-    "story": {"AudioCaps": {"following_rate": None, "diversity": None}},
-    "sac": {"SALMONN speech-audio co-reasoning set": {"accuracy": None, "following_rate": None}},
+    "story": {"AudioCaps": {"following_rate": 100.0, "diversity": 82.57}},
+    "sac": {"SALMONN speech-audio co-reasoning set": {"accuracy": 50.0, "following_rate": 73.0}},
 }
 
 METRIC_LABELS = {

@@ -274,6 +274,9 @@ def test_task_table():
     for task, rows in PAPER_TABLE3.items():
         for values in rows.values():
             assert set(values) <= set(TASKS[task].metrics), task
+            # Every number is filled in, in this harness's units: the paper's fractions are percent here.
+            assert all(isinstance(v, float) for v in values.values()), task
+            assert all(1.0 < values[m] <= 100.0 for m in ("accuracy", "following_rate") if m in values), task
     assert PAPER_TABLE3["asr"]["LibriSpeech test-clean"]["wer"] == 2.1
     assert get_task("translation_ec").name == "en2zh" and get_task("speech_separation").name == "osr"
     with pytest.raises(ValueError, match="not a known task"):
@@ -372,7 +375,7 @@ def test_predictions_path_end_to_end(tmp_path, capsys):
     assert (results["num_items"], results["num_scored"], results["num_failed"]) == (4, 3, 1)
     assert results["paper"]["LibriSpeech test-other"] == {"wer": 4.9}
     md = (out / "results.md").read_text()
-    assert "| %WER | 16.67 | 2.10 | 4.90 | n/a |" in md
+    assert "| %WER | 16.67 | 2.10 | 4.90 | 10.00 |" in md
     assert md in capsys.readouterr().out
     assert not list(out.glob(".*"))  # no temporary files left behind
 

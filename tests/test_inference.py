@@ -123,22 +123,27 @@ def test_generate_encodes_each_segment_once_for_all_beams(sharp, monkeypatch):
         model.generate(**batch, use_cache=False, max_new_tokens=2)
 
 
-def test_long_audio_is_encoded_in_chunks_with_the_same_result(sharp, monkeypatch):
+def test_segments_are_encoded_in_bounded_chunks_with_the_same_result(sharp, monkeypatch):
     import modeling_salmonn.modeling_salmonn as modeling
 
     model, processor = sharp
-    clips = [clip(95.0, 440.0, 0), clip(3.0, 880.0, 1)]  # 4 + 1 segments
-    batch = processor(text=[processor.format_prompt("Describe.")] * 2, audio=clips, sampling_rate=RATE)
+    clips = [clip(95.0, 440.0, 0), clip(3.0, 880.0, 1), clip(4.5, 300.0, 2)]  # 30+30+30+5 s, 3 s, 4.5 s
+    batch = processor(text=[processor.format_prompt("Describe.")] * 3, audio=clips, sampling_rate=RATE)
     whole = _audio_features(model, batch)
-    widths = []
-    encode = model.model.beats.forward
-    monkeypatch.setattr(model.model.beats, "forward", lambda values, **kw: widths.append(tuple(values.shape[:2])) or encode(values, **kw))
+    whisper_rows, beats_calls = [], []
+    whisper, beats = model.model.speech_encoder.forward, model.model.beats.forward
+    monkeypatch.setattr(model.model.speech_encoder, "forward", lambda x, **kw: whisper_rows.append(x.shape[0]) or whisper(x, **kw))
+    monkeypatch.setattr(model.model.beats, "forward", lambda x, **kw: beats_calls.append((x.shape[1], kw["attention_mask"].sum(-1).tolist())) or beats(x, **kw))
     monkeypatch.setattr(modeling, "AUDIO_SEGMENTS_PER_CHUNK", 2)
     chunked = _audio_features(model, batch)
-    full_width = batch["input_values"].shape[1]
-    # Chunks of 2 segments; the last chunk holds only the 3 s clip and BEATs sees its real frames only.
-    assert [w[0] for w in widths] == [2, 2, 1] and widths[0][1] == full_width and widths[2][1] < full_width / 5
     torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=0)
+    assert whisper_rows == [2, 2, 2]
+    # BEATs gets segments of similar length together (at most 2 here), cut to the longest of them: the 5 s tail
+    # and the 4.5 s clip share a call; the 3 s clip is not padded to 5 s.
+    frames = batch["input_values_mask"].sum(-1).tolist()
+    assert sorted(n for _, lengths in beats_calls for n in lengths) == sorted(frames)
+    assert all(width == max(lengths) and len(lengths) <= 2 and min(lengths) >= 0.75 * width for width, lengths in beats_calls)
+    assert len(beats_calls) == 4 and sorted(len(lengths) for _, lengths in beats_calls) == [1, 1, 2, 2]
 
 
 def test_generate_answers_and_run_items_match_one_by_one(sharp):
@@ -636,6 +641,8 @@ def test_benchmark_scripts_run_on_the_tiny_model(capsys):
                                 "--ttft-runs", "1", "--repeats", "1", "--no-gpu"]) == 0
     out = capsys.readouterr().out
     assert "batch 2: speed-up over one-by-one" in out and "[cpu int8 LLM] LLM weights" in out and "tokens/s" in out
+    assert "even free decoding would give a batch speed-up of at most" in out
+    assert "(Q-Former, LayerNorms and projection in float32): relative error" in out
     assert long_audio_benchmark(["--size", "tiny", "--durations", "30", "65"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith("Mi")]
     assert [(r[2], r[3]) for r in rows] == [("1", "88"), ("3", "264")]

@@ -147,14 +147,14 @@ def test_the_whole_path_learns_synthetic_audio(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the data loader worker takes the other core
     try:
-        result = train_on_synthetic_audio(tmp_path, classes, clips_per_class=32, max_steps=450, learning_rate=5e-3, seed=1)
+        result = train_on_synthetic_audio(tmp_path, classes, clips_per_class=64, max_steps=450, learning_rate=5e-3, seed=1)
     finally:
         torch.set_num_threads(threads)
     losses = result["losses"]
     drop = 1 - np.mean(losses[-3:]) / losses[0]
     model = AutoModel.from_pretrained(result["run"], trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(result["run"], trust_remote_code=True)
-    accuracy, answers = held_out_accuracy(model, processor, classes, clips_per_class=5)
+    accuracy, answers = held_out_accuracy(model, processor, classes, clips_per_class=10)
     print(f"classes {[c.name for c in classes]}; loss {losses[0]:.3f} -> {np.mean(losses[-3:]):.3f} ({drop:.1%} drop); "
           f"held-out accuracy {accuracy:.2f}; wrong: {[a for a in answers if not a[2]]}")
     assert drop >= 0.8
