@@ -478,6 +478,8 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         `num_return_sequences` repeat the rows: every beam shares the embeddings instead of encoding each 30 s
         segment again. Takes the processor's output as is; see `GenerationMixin.generate` for the rest.
         """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
         if audio["input_features"] is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:

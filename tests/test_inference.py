@@ -119,6 +119,10 @@ def test_generate_encodes_each_segment_once_for_all_beams(sharp, monkeypatch):
             alone = model.generate(**single, **kwargs)[:, single["input_ids"].shape[1] :]
         rows = out[2 * i : 2 * i + 2, width : width + alone.shape[1]]
         assert rows.tolist() == alone.tolist(), f"prompt {i}"
+    # `inputs=`, generate's own name for the ids, works too.
+    rest = {k: v for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad():
+        assert model.generate(inputs=batch["input_ids"], **rest, **kwargs).tolist() == out.tolist()
     with pytest.raises(ValueError, match="use_cache=True"):
         model.generate(**batch, use_cache=False, max_new_tokens=2)
 
