@@ -194,15 +194,12 @@ def logits_error(model, reference_logits, inputs) -> tuple[float, float]:
     return error, agree
 
 
-def half_precision_errors(model, processor, items, cast) -> None:
+def half_precision_errors(model, inputs, cast) -> None:
     """Relative error of the audio tokens in bfloat16 against float32, with and without the float32 Q-Former path."""
     import copy
 
     import torch
 
-    from inference.engine import build_inputs, prepare_item
-
-    inputs = build_inputs(model, processor, [prepare_item(processor, item) for item in items])
     audio = {k: inputs[k] for k in ("input_features", "input_values", "input_values_mask")}
     with torch.inference_mode():
         reference = model.get_audio_features(**audio)
@@ -225,22 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     midsize = _import_midsize()
-    build_midsize, parameter_counts, synthetic_clip = midsize.build_midsize, midsize.parameter_counts, midsize.synthetic_clip
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = [2.0 + 8.0 * ((i * 5) % args.clips) / max(args.clips - 1, 1) for i in range(args.clips)]
     items = [
-        {"audio": synthetic_clip(seconds, args.seed + i), "sampling_rate": 16000, "prompt": "Describe the audio."}
+        {"audio": midsize.synthetic_clip(seconds, args.seed + i), "sampling_rate": 16000, "prompt": "Describe the audio."}
         for i, seconds in enumerate(lengths)
     ]
 
     if args.size == "mid":
-        model, processor = build_midsize(seed=args.seed)
+        model, processor = midsize.build_midsize(seed=args.seed)
     else:
         from inference.tiny import build_tiny_model_and_processor
 
         model, processor = build_tiny_model_and_processor(seed=args.seed)
-    counts = parameter_counts(model)
+    counts = midsize.parameter_counts(model)
     print(
         "model: " + ", ".join(f"{k} {v:.1f} M" for k, v in counts.items())
         + f"; clips {', '.join(f'{s:.1f}' for s in lengths)} s; {args.new_tokens} new tokens each; "
@@ -248,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     run_suite("cpu float32", model, processor, items, args, args.batch_sizes)
-    half_precision_errors(model, processor, items[:2], midsize.cast_like_from_pretrained)
+    # Two clips, the probe of the precision comparisons below.
+    from inference.engine import build_inputs, prepare_item, quantize_llm_int8
+
+    probe = build_inputs(model, processor, [prepare_item(processor, item) for item in items[:2]])
+    half_precision_errors(model, probe, midsize.cast_like_from_pretrained)
 
     if args.int8:
-        from inference.engine import build_inputs, prepare_item, quantize_llm_int8
-
-        probe = build_inputs(model, processor, [prepare_item(processor, item) for item in items[:2]])
         with torch.inference_mode():
             reference = model(**probe).logits.float()
         release_free_memory()
@@ -274,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         release_free_memory()
         if args.size == "mid":
-            model, processor = build_midsize(seed=args.seed, dtype=torch.bfloat16)
+            model, processor = midsize.build_midsize(seed=args.seed, dtype=torch.bfloat16)
         else:
             model, processor = build_tiny_model_and_processor(seed=args.seed)
             midsize.cast_like_from_pretrained(model, torch.bfloat16)

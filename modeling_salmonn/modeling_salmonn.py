@@ -231,22 +231,22 @@ class SalmonnModel(SalmonnPreTrainedModel):
         """
         beats_dtype = self.beats.patch_embedding.weight.dtype
         num_segments = input_values.shape[0]
-        if input_values_mask is None:  # as the original: padding, if any, is part of the audio
-            groups = [list(range(i, min(i + AUDIO_SEGMENTS_PER_CHUNK, num_segments))) for i in range(0, num_segments, AUDIO_SEGMENTS_PER_CHUNK)]
+        # Without a mask every frame counts as audio (as in the original), so the groups are runs of 8 in order.
+        if input_values_mask is None:
             lengths = [input_values.shape[1]] * num_segments
         else:
             lengths = input_values_mask.sum(-1).tolist()
-            groups = []
-            for index in sorted(range(num_segments), key=lambda i: -lengths[i]):
-                group = groups[-1] if groups else None
-                if group and len(group) < AUDIO_SEGMENTS_PER_CHUNK and lengths[index] >= 0.75 * lengths[group[0]]:
-                    group.append(index)
-                else:
-                    groups.append([index])
+        groups: list[list[int]] = []
+        for index in sorted(range(num_segments), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+            group = groups[-1] if groups else None
+            if group and len(group) < AUDIO_SEGMENTS_PER_CHUNK and lengths[index] >= 0.75 * lengths[group[0]]:
+                group.append(index)
+            else:
+                groups.append([index])
         outputs: list[torch.Tensor | None] = [None] * num_segments
         for group in groups:
             rows = torch.tensor(group, device=input_values.device)
-            width = max(int(lengths[group[0]]), 1)
+            width = max(lengths[group[0]], 1)
             values = input_values[rows, :width].to(beats_dtype)
             mask = None if input_values_mask is None else input_values_mask[rows, :width]
             hidden = self.beats(values, attention_mask=mask, return_dict=True).last_hidden_state
