@@ -1,4 +1,7 @@
-from setuptools import find_packages, setup
+from setuptools import setup
+
+
+HELPER_PACKAGES = ("conversion", "training", "inference", "evaluation")
 
 setup(
     name="salmonn",
@@ -8,8 +11,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_salmonn", "conversion", "training", "training.*", "inference", "evaluation"]),
-    package_data={"training": ["recipes/*", "prompts/*.json"], "conversion": ["*.md"], "inference": ["demo_model/*"]},
+    # The helpers install as `salmonn.*` (no generic top-level names such as `training`); the model package stays
+    # top-level because its files are also the remote code saved next to every checkpoint.
+    packages=["modeling_salmonn", "salmonn", *(f"salmonn.{name}" for name in HELPER_PACKAGES)],
+    package_dir={f"salmonn.{name}": name for name in HELPER_PACKAGES},
+    package_data={
+        "salmonn.training": ["recipes/*", "prompts/*.json"],
+        "salmonn.conversion": ["*.md"],
+        "salmonn.inference": ["demo_model/*"],
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
@@ -35,13 +45,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "salmonn-demo=inference.demo:main",
-            "salmonn-convert=conversion.convert_salmonn:main",
-            "salmonn-convert-beats=conversion.convert_beats:main",
-            "salmonn-infer=inference.infer:main",
-            "salmonn-web=inference.web:main",
-            "salmonn-train=training.train:main",
-            "salmonn-eval=evaluation.evaluate:main",
+            "salmonn-demo=salmonn.inference.demo:main",
+            "salmonn-convert=salmonn.conversion.convert_salmonn:main",
+            "salmonn-convert-beats=salmonn.conversion.convert_beats:main",
+            "salmonn-infer=salmonn.inference.infer:main",
+            "salmonn-web=salmonn.inference.web:main",
+            "salmonn-train=salmonn.training.train:main",
+            "salmonn-eval=salmonn.evaluation.evaluate:main",
         ]
     },
 )

@@ -2,7 +2,7 @@
 Peak memory of salmonn-convert against the size of the LLM's shards.
 
 Builds a synthetic release whose LLM is split into several `.bin` shards (at least 2 GB in all; the SALMONN `.pth`,
-Whisper and BEATs come from fixture A in ../shared, since the LLM's width must match the `.pth`), converts it in a
+Whisper and BEATs come from fixture A in tests/fixtures, since the LLM's width must match the `.pth`), converts it in a
 child process and prints that process's peak resident memory divided by the largest input shard. Target: at most
 2x the largest shard plus 1 GB, whatever the total size. The reload check is set to `structure` because a full
 reload needs the whole model in RAM by definition; the conversion itself is what is measured.
@@ -26,7 +26,7 @@ import torch
 
 
 logger = logging.getLogger(__name__)
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "original_tiny_a"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny_a"
 
 
 def build_llm(folder: Path, total_bytes: float, shard_bytes: float) -> int:
@@ -94,7 +94,7 @@ def main() -> None:
         # The child reports its own high-water mark (VmHWM starts afresh at exec; ru_maxrss of children would
         # include this parent's memory, inherited through fork).
         runner = (
-            "import sys, conversion.convert_salmonn as c; code = c.main(sys.argv[1:]); "
+            "import sys, salmonn.conversion.convert_salmonn as c; code = c.main(sys.argv[1:]); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); sys.exit(code)"
         )
         command = [

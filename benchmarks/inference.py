@@ -98,7 +98,7 @@ def generation_kwargs(new_tokens: int) -> dict:
 
 def time_batches(model, processor, items, batch_size: int, new_tokens: int, repeats: int = 1) -> tuple[float, float]:
     """Best wall and CPU seconds to answer all items `batch_size` at a time (features, encoders, prefill, decoding)."""
-    from inference.engine import generate_answers
+    from salmonn.inference.engine import generate_answers
 
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
@@ -113,7 +113,7 @@ def time_to_first_token(model, processor, items, new_tokens: int, repeats: int =
     """Time to first token (from raw audio) and decoding tokens/s, one clip at a time: means over clips of the best runs."""
     import torch
 
-    from inference.engine import build_inputs, prepare_item
+    from salmonn.inference.engine import build_inputs, prepare_item
 
     ttfts, rates = [], []
     for item in items:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "mid":
         model, processor = midsize.build_midsize(seed=args.seed)
     else:
-        from inference.tiny import build_tiny_model_and_processor
+        from salmonn.inference.tiny import build_tiny_model_and_processor
 
         model, processor = build_tiny_model_and_processor(seed=args.seed)
     counts = midsize.parameter_counts(model)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_suite("cpu float32", model, processor, items, args, args.batch_sizes)
     # Two clips, the probe of the precision comparisons below.
-    from inference.engine import build_inputs, prepare_item, quantize_llm_int8
+    from salmonn.inference.engine import build_inputs, prepare_item, quantize_llm_int8
 
     probe = build_inputs(model, processor, [prepare_item(processor, item) for item in items[:2]])
     half_precision_errors(model, probe, midsize.cast_like_from_pretrained)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # run as a script: benchmarks/ is sys.path[0]
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from benchmarks.midsize import build_midsize, synthetic_clip
-    from inference.tiny import build_tiny_model_and_processor
+    from salmonn.inference.tiny import build_tiny_model_and_processor
 
     if args.threads:
         torch.set_num_threads(args.threads)

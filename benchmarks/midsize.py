@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from inference.tiny import build_tiny_tokenizer
+from salmonn.inference.tiny import build_tiny_tokenizer
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 
 

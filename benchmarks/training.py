@@ -38,9 +38,9 @@ def mid_size_model_and_processor(seed: int = 0):
 
 
 def make_batches(processor, batch_size: int, count: int, answer_words: int = 0):
-    from training.collator import SalmonnDataCollator
-    from training.prompts import PromptPool
-    from training.synthetic import SOUND_CLASSES, make_clip
+    from salmonn.training.collator import SalmonnDataCollator
+    from salmonn.training.prompts import PromptPool
+    from salmonn.training.synthetic import SOUND_CLASSES, make_clip
 
     classes = [c for c in SOUND_CLASSES if c.kind != "speech"]
     pool = PromptPool()
@@ -116,7 +116,7 @@ class RssSampler:
 def measure(mode: str, steps: int, warmup: int, batch_size: int, checkpointing: bool, answer_words: int = 0) -> dict:
     import torch
 
-    from training.trainer import SalmonnTrainer, salmonn_lr_lambda
+    from salmonn.training.trainer import SalmonnTrainer, salmonn_lr_lambda
 
     torch.manual_seed(0)
     model, processor = mid_size_model_and_processor()

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
-from conversion.beats import load_original_beats
-from conversion.io_utils import atomic_output_dir
+from salmonn.conversion.beats import load_original_beats
+from salmonn.conversion.io_utils import atomic_output_dir
 from modeling_salmonn.modeling_beats import BEATS_NUM_MEL_BINS, BeatsModel
 
 

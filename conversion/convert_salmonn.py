@@ -28,10 +28,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, WhisperConfig
 
-from conversion.beats import load_original_beats
-from conversion.io_utils import atomic_output_dir
-from conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
-from inference.tiny import AUDIO_TOKEN, add_salmonn_tokens
+from salmonn.conversion.beats import load_original_beats
+from salmonn.conversion.io_utils import atomic_output_dir
+from salmonn.conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
+from salmonn.inference.tiny import AUDIO_TOKEN, add_salmonn_tokens
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 from modeling_salmonn.modeling_salmonn import AUTO_MAP, REMOTE_CODE_FILES, original_generation_config
 

@@ -592,7 +592,7 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
 
     todo = [i for i in items if i["id"] not in done]
     if todo:
-        engine = importlib.import_module("inference.engine")
+        engine = importlib.import_module("salmonn.inference.engine")
         model, processor = engine.load_model_and_processor(
             args.model,
             dtype=args.dtype,

@@ -5,7 +5,7 @@ Vicuna form (`processor.apply_chat_template`), with the audio in the first user 
 new conversation. The page never needs the internet; `--share` (off by default) is the only option that does.
 
     salmonn-web --model path/to/salmonn            # http://127.0.0.1:7860
-    python -m inference.web --model ... --device cuda --dtype bfloat16 --port 9527
+    python -m salmonn.inference.web --model ... --device cuda --dtype bfloat16 --port 9527
 """
 
 from __future__ import annotations

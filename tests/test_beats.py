@@ -11,17 +11,16 @@ import soundfile
 import torch
 from safetensors.torch import load_file
 
-from conversion import convert_beats as convert_beats_module
-from conversion.beats import ORIGINAL_BEATS_DEFAULTS, load_original_beats
-from conversion.convert_beats import main as convert_main
-from conversion.io_utils import atomic_output_dir
+from salmonn.conversion import convert_beats as convert_beats_module
+from salmonn.conversion.beats import ORIGINAL_BEATS_DEFAULTS, load_original_beats
+from salmonn.conversion.convert_beats import main as convert_main
+from salmonn.conversion.io_utils import atomic_output_dir
 from modeling_salmonn import modeling_beats
 from modeling_salmonn.configuration_salmonn import BeatsConfig
 from modeling_salmonn.modeling_beats import BeatsModel
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "original_tiny_a"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original_tiny_a"
 BEATS_PT = FIXTURE / "beats.pt"
 CLIPS = ["gunshots", "duck", "music", "synth_short", "synth_long"]
 # Patches the original produced for each clip (golden.json `beats_tokens`).

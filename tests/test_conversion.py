@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conversion.convert_salmonn import main as convert_main
+from salmonn.conversion.convert_salmonn import main as convert_main
 from tests.utils import FIXTURE_A
 
 
@@ -168,7 +168,7 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, caplog, case, m
 
 
 def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
-    import conversion.convert_salmonn as convert
+    import salmonn.conversion.convert_salmonn as convert
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt

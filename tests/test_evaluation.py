@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import metrics
-from evaluation.evaluate import (
+from salmonn.evaluation import metrics
+from salmonn.evaluation.evaluate import (
     EXPAND_SILENCE_SAMPLES,
     _load_joined_audio,
     build_prompt,
@@ -20,8 +20,8 @@ from evaluation.evaluate import (
     main,
     read_predictions,
 )
-from evaluation.normalizers import DEFAULT_SPELLING_MAPPING, english_normalizer, load_spelling_mapping
-from evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
+from salmonn.evaluation.normalizers import DEFAULT_SPELLING_MAPPING, english_normalizer, load_spelling_mapping
+from salmonn.evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
 
 
 @pytest.fixture(autouse=True)
@@ -433,7 +433,7 @@ def test_judge_and_dataset_flags(tmp_path, monkeypatch, capsys):
     main(["--task", "asr", "--predictions", str(pred), "--dataset", "LibriSpeech test-other"])
     assert "| Metric | Measured | Paper: LibriSpeech test-other |" in capsys.readouterr().out
     fake = FakeEngine({})
-    monkeypatch.setitem(sys.modules, "inference.engine", fake.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
     with pytest.raises(SystemExit):  # a bad flag is refused before any model is loaded
         main(
             [
@@ -463,7 +463,7 @@ class FakeEngine:
         self.loaded, self.asked, self.generation_kwargs = [], [], []
 
     def module(self):
-        mod = types.ModuleType("inference.engine")
+        mod = types.ModuleType("salmonn.inference.engine")
         mod.load_model_and_processor = self.load_model_and_processor
         mod.run_items = self.run_items
         return mod
@@ -505,7 +505,7 @@ def _asr_manifest(tmp_path: Path) -> Path:
 
 def test_model_run_prompts_and_prompt_file(tmp_path, monkeypatch):
     fake = FakeEngine({f"u{i}": h for i, h in enumerate(ASR_HYPS)})
-    monkeypatch.setitem(sys.modules, "inference.engine", fake.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
     data, out = _asr_manifest(tmp_path), tmp_path / "out"
     assert main(["--model", "m", "--task", "asr", "--data", str(data), "--output", str(out), "--no_progress"]) == 0
     assert [p for _, p in fake.asked] == [TASKS["asr"].prompt] * 3
@@ -544,7 +544,7 @@ def test_resumption(tmp_path, monkeypatch):
     args = ["--model", "m", "--task", "asr", "--data", str(data), "--output", str(out), "--no_progress"]
     answers = {f"u{i}": h for i, h in enumerate(ASR_HYPS)}
     first = FakeEngine(answers, fail_after=2)
-    monkeypatch.setitem(sys.modules, "inference.engine", first.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", first.module())
     with pytest.raises(RuntimeError, match="interrupted"):
         main(args)
     assert [r["id"] for r in read_predictions(out / "predictions.jsonl")] == ["u0", "u1"]
@@ -553,14 +553,14 @@ def test_resumption(tmp_path, monkeypatch):
         f.write('{"id": "u2", "prompt": "Write do')  # killed in the middle of a write
 
     second = FakeEngine(answers)
-    monkeypatch.setitem(sys.modules, "inference.engine", second.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", second.module())
     assert main(args) == 0
     assert [i for i, _ in second.asked] == ["u2"]
     assert [r["id"] for r in read_predictions(out / "predictions.jsonl")] == ["u0", "u1", "u2"]
     assert json.loads((out / "results.json").read_text())["metrics"]["wer"] == pytest.approx(100 * 2 / 12)
 
     third = FakeEngine(answers)  # everything answered: no model is even loaded
-    monkeypatch.setitem(sys.modules, "inference.engine", third.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", third.module())
     assert main(args) == 0 and third.loaded == []
 
     with pytest.raises(SystemExit):  # a different prompt would mix two settings in one folder
@@ -577,7 +577,7 @@ def test_failed_audio_is_recorded_and_retried(tmp_path, monkeypatch):
         [{"id": "a", "audio": "ok.wav", "reference": "yes"}, {"id": "b", "audio": "missing", "reference": "no"}],
     )
     fake = FakeEngine({"a": "Yes.", "b": "No."})
-    monkeypatch.setitem(sys.modules, "inference.engine", fake.module())
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
     out = tmp_path / "sv"
     main(["--model", "m", "--task", "sv", "--data", str(data), "--output", str(out), "--no_progress"])
     results = json.loads((out / "results.json").read_text())
@@ -595,7 +595,7 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, monkeypatch):
     """salmonn-eval through the real engine on a saved tiny model: the answers it records are the ones
     `generate_answers` gives for the same prompt and audio (joined `expand_wav` included), and a rerun resumes."""
     sf = pytest.importorskip("soundfile")
-    from inference import engine
+    from salmonn.inference import engine
 
     ckpt = tmp_path / "ckpt"
     for part in tiny:  # the session's tiny model and processor, saved as a checkpoint folder

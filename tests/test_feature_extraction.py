@@ -16,8 +16,7 @@ from modeling_salmonn import feature_extraction_salmonn
 from modeling_salmonn.feature_extraction_salmonn import SalmonnFeatureExtractor
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "original_tiny_a"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "original_tiny_a"
 FIXTURE_CLIPS = ["gunshots", "duck", "music", "synth_short", "synth_long"]
 SR = 16000
 
@@ -88,7 +87,10 @@ def test_spectrogram_matches_golden_and_whisper(fe, name):
     assert features.shape == (1, 80, 3000) and features.dtype == torch.float32
 
     golden = load_file(FIXTURE / "golden" / f"{name}.safetensors")["spectrogram"]
-    assert (features - golden).abs().max().item() < 1e-4  # stored by transformers 4.28's numpy path
+    # Stored by transformers 4.28's numpy path. Today's WhisperFeatureExtractor (which ours equals, below) differs from
+    # it by up to 1.06e-4 on synth_long with numpy 2.4's FFT (4e-5 with earlier numpy); the contract's end-to-end
+    # bound from wav is 1e-3.
+    assert (features - golden).abs().max().item() < 2e-4
 
     whisper = WhisperFeatureExtractor(feature_size=80)(segments[0], sampling_rate=SR, return_tensors="pt")
     assert (features - whisper["input_features"]).abs().max().item() < 1e-5
@@ -136,7 +138,7 @@ def test_kaldi_filters_match_definition():
 def test_fbank_through_beats_port_matches_golden_beats_features(fe):
     # End to end against the original (torchaudio) fbank: the fixture's BEATs output of each clip. Kaldi's float32
     # filter weights matter here: float64 filters would give up to ~3.6e-5.
-    from conversion.beats import load_original_beats
+    from salmonn.conversion.beats import load_original_beats
     from modeling_salmonn.modeling_beats import BeatsModel
 
     config, state_dict = load_original_beats(FIXTURE / "beats.pt")

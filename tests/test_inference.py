@@ -11,8 +11,8 @@ import pytest
 import soundfile
 import torch
 
-from inference import engine
-from inference.infer import main as infer_main
+from salmonn.inference import engine
+from salmonn.inference.infer import main as infer_main
 from tests.utils import FIXTURE_A, fixture_golden, randomize_lora, read_wav, save_tiny_checkpoint, tiny_model_and_processor
 
 
@@ -600,7 +600,7 @@ def test_batch_equals_single_on_converted_fixture_a(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoProcessor
 
-    from conversion.convert_salmonn import main as convert_main
+    from salmonn.conversion.convert_salmonn import main as convert_main
 
     output = tmp_path / "salmonn-tiny-a"
     assert convert_main(

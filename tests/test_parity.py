@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conversion.convert_salmonn import main as convert_main
+from salmonn.conversion.convert_salmonn import main as convert_main
 from tests.utils import FIXTURE_A, fixture_golden, read_wav
 
 

@@ -12,10 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.utils import run_fresh_python, save_tiny_checkpoint
-from training.export import TRAINABLE_EXPORT_NAME, load_trainable_export, save_trainable_export
-from training.synthetic import SOUND_CLASSES, write_dataset
-from training.train import STAGES, build_parser, main, parse_arguments, recipe_path
-from training.trainer import salmonn_lr_lambda
+from salmonn.training.export import TRAINABLE_EXPORT_NAME, load_trainable_export, save_trainable_export
+from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
+from salmonn.training.train import STAGES, build_parser, main, parse_arguments, recipe_path
+from salmonn.training.trainer import salmonn_lr_lambda
 
 
 NON_SPEECH = [c for c in SOUND_CLASSES if c.kind != "speech"]
@@ -88,7 +88,7 @@ def test_recipe_then_arguments_file_then_command_line(tmp_path):
 def test_help_documents_every_flag():
     import dataclasses
 
-    from training.train import DataArguments, ModelArguments, SalmonnArguments
+    from salmonn.training.train import DataArguments, ModelArguments, SalmonnArguments
 
     text = build_parser().format_help()
     for cls in (ModelArguments, DataArguments, SalmonnArguments):
@@ -160,7 +160,7 @@ def test_trained_folder_loads_with_automodel_in_a_fresh_process(tiny_run):
 
 
 def test_trainable_export_applies_to_the_base_folder(tiny_run, tmp_path):
-    from training.export import main as export_main
+    from salmonn.training.export import main as export_main
 
     out, base = tiny_run["out"], tiny_run["base"]
     merged = tmp_path / "merged"
@@ -193,7 +193,7 @@ def test_export_refuses_files_that_do_not_fit(tiny, tmp_path):
 def test_optimizer_groups_decay_matrices_only(tiny_run):
     from transformers import AutoModel, TrainingArguments
 
-    from training.trainer import SalmonnTrainer
+    from salmonn.training.trainer import SalmonnTrainer
 
     model = AutoModel.from_pretrained(tiny_run["base"], trust_remote_code=True)
     args = TrainingArguments(output_dir=str(tiny_run["root"] / "unused"), use_cpu=True, weight_decay=0.05, report_to=[])
@@ -258,9 +258,9 @@ def test_push_to_hub_goes_through_the_trainer(tiny_run, tmp_path, monkeypatch):
 def test_activation_stage_writes_stories_with_discounted_lora_then_trains_on_them(tiny_run, tmp_path):
     from transformers import AutoModel, AutoProcessor
 
-    from training.activation import STORIES_FILE, generate_answers
-    from training.data import load_manifest, read_audio
-    from training.prompts import DEFAULT_STORY_PROMPT
+    from salmonn.training.activation import STORIES_FILE, generate_answers
+    from salmonn.training.data import load_manifest, read_audio
+    from salmonn.training.prompts import DEFAULT_STORY_PROMPT
 
     base, manifest = tiny_run["base"], tiny_run["manifest"]
     out = tmp_path / "act"
@@ -290,7 +290,7 @@ def test_activation_stage_writes_stories_with_discounted_lora_then_trains_on_the
 def test_story_generation_runs_at_the_discounted_scaling_and_restores_it(tiny, monkeypatch):
     import numpy as np
 
-    from training.activation import generate_answers
+    from salmonn.training.activation import generate_answers
 
     model, processor = tiny
     seen = []
@@ -315,7 +315,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     """Checkpointed layers are recomputed with the same dropout masks, so the gradients do not change."""
     import numpy as np
 
-    from training.collator import SalmonnDataCollator
+    from salmonn.training.collator import SalmonnDataCollator
 
     model, processor = tiny
     batch = SalmonnDataCollator(processor)(
@@ -347,7 +347,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 def test_saved_dataset_folder_with_bf16_checkpointing_and_accumulation(tiny_run, tmp_path):
     """A `datasets` folder as --train_file, under bf16 autocast, gradient checkpointing and gradient accumulation."""
     datasets = pytest.importorskip("datasets")
-    from training.data import load_manifest
+    from salmonn.training.data import load_manifest
 
     items = load_manifest(tiny_run["manifest"])
     ds = datasets.Dataset.from_dict({"audio": [it["path"] for it in items], "text": [it["text"] for it in items],

@@ -11,16 +11,16 @@ import pytest
 import soundfile
 
 from tests.utils import FIXTURE_A
-from training.collator import SalmonnDataCollator
-from training.data import (
+from salmonn.training.collator import SalmonnDataCollator
+from salmonn.training.data import (
     HFDatasetItems,
     SalmonnTrainDataset,
     concatenate_with_silence,
     load_manifest,
     read_audio,
 )
-from training.prompts import DEFAULT_PROMPTS, PromptPool, fill_prompt, load_prompt_file
-from training.synthetic import SOUND_CLASSES, espeak_available, make_clip, write_dataset
+from salmonn.training.prompts import DEFAULT_PROMPTS, PromptPool, fill_prompt, load_prompt_file
+from salmonn.training.synthetic import SOUND_CLASSES, espeak_available, make_clip, write_dataset
 
 
 AUDIO = FIXTURE_A / "audio"
@@ -83,7 +83,7 @@ def test_prompt_file_overrides_and_errors(tmp_path):
 
 def test_original_annotation_file_loads_with_paths_next_to_it():
     items = load_manifest(FIXTURE_A / "annotations.json")
-    # resolved on both sides: ../shared may be reached through a symbolic link
+    # resolved on both sides: the checkout may be reached through a symbolic link
     assert [Path(it["path"]).resolve() for it in items] == [(AUDIO / name).resolve() for name in ("gunshots.wav", "synth_short.wav")]
     assert items[0]["text"] == "Gunshots echo across an open field." and items[0]["task"] == "audiocaption"
     assert items[1]["Q"] == "" and items[1]["expand_wav"] == [] and items[0]["id"] == items[0]["path"]
@@ -143,7 +143,7 @@ def test_bad_items_are_skipped_with_a_counting_warning_or_raise_when_strict(tmp_
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"annotation": rows}))
     items = load_manifest(manifest)
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="salmonn.training.data"):
         dataset = SalmonnTrainDataset(items, PromptPool(), name="m.json")
     assert len(dataset) == 1 and dataset[0]["answer"] == "fine"
     message = caplog.text

@@ -13,8 +13,8 @@ DEMO_DIR = REPO_ROOT / "inference" / "demo_model"
 
 
 def test_demo_model_is_small_and_answers_the_demo_clip(capsys):
-    from inference.demo import main as demo_main
-    from training.synthetic import SOUND_CLASSES
+    from salmonn.inference.demo import main as demo_main
+    from salmonn.training.synthetic import SOUND_CLASSES
 
     assert (DEMO_DIR / "config.json").is_file(), "run `python -m training.build_demo_model` to build it"
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
@@ -30,7 +30,7 @@ def test_demo_model_is_small_and_answers_the_demo_clip(capsys):
 
 @pytest.mark.slow
 def test_build_demo_model_regenerates_an_equally_good_model(tmp_path):
-    from training.build_demo_model import main as build_main
+    from salmonn.training.build_demo_model import main as build_main
 
     assert build_main(["--output_dir", str(tmp_path / "demo")]) == 0
     build = json.loads((tmp_path / "demo" / "demo_build.json").read_text())

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.utils import REPO_ROOT, save_tiny_checkpoint
-from training.synthetic import SOUND_CLASSES, write_dataset
+from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
 
 
 NON_SPEECH = [c for c in SOUND_CLASSES if c.kind != "speech"]
@@ -29,7 +29,7 @@ def _env(tmp_path) -> dict:
 
 def _train_cmd(base, manifest, out, *extra) -> list[str]:
     return [
-        "-m", "training.train", "--stage", "pretrain", "--model_name_or_path", str(base), "--train_file", str(manifest),
+        "-m", "salmonn.training.train", "--stage", "pretrain", "--model_name_or_path", str(base), "--train_file", str(manifest),
         "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--warmup_steps", "2",
         "--dataloader_num_workers", "0", "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1", *extra,
     ]
@@ -140,8 +140,8 @@ def test_the_whole_path_learns_synthetic_audio(tmp_path):
     """
     from transformers import AutoModel, AutoProcessor
 
-    from training.build_demo_model import held_out_accuracy, train_on_synthetic_audio
-    from training.synthetic import available_classes
+    from salmonn.training.build_demo_model import held_out_accuracy, train_on_synthetic_audio
+    from salmonn.training.synthetic import available_classes
 
     classes = available_classes()
     threads = torch.get_num_threads()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.web import (
+from salmonn.inference.web import (
     build_conversation,
     build_demo,
     generation_kwargs,

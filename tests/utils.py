@@ -13,8 +13,7 @@ import numpy as np
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-FIXTURE_A = SHARED / "fixtures" / "original_tiny_a"
+FIXTURE_A = REPO_ROOT / "tests" / "fixtures" / "original_tiny_a"
 
 
 def fixture_golden() -> dict:
@@ -29,7 +28,7 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 
 def tiny_model_and_processor(seed: int = 0, **config_overrides):
-    from inference.tiny import build_tiny_model_and_processor
+    from salmonn.inference.tiny import build_tiny_model_and_processor
 
     return build_tiny_model_and_processor(seed=seed, **config_overrides)
 

@@ -128,7 +128,7 @@ def build_tiny_base(
     A tiny SALMONN folder with stand-in pretrained encoders and LLM, and fresh LoRA / Q-Former, ready for training.
     `dropout` replaces the Q-Former's and LoRA's dropout (0.1 in the release).
     """
-    from inference.tiny import build_tiny_model_and_processor
+    from salmonn.inference.tiny import build_tiny_model_and_processor
 
     overrides = {}
     if dropout is not None:
@@ -229,8 +229,8 @@ class BuildArguments:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
-    from conversion.io_utils import atomic_output_dir
-    from inference.demo import synthesize_clip
+    from salmonn.conversion.io_utils import atomic_output_dir
+    from salmonn.inference.demo import synthesize_clip
 
     from .synthetic import available_classes, espeak_available
 

@@ -2,7 +2,7 @@
 The small trainable-only export of a SALMONN run (Q-Former with its query, `ln_speech`, `ln_audio`,
 `speech_llama_proj`, LoRA) and applying it to a converted base folder.
 
-    python -m training.export --base_model converted/ --export run/salmonn_trainable.safetensors --output_dir merged/
+    python -m salmonn.training.export --base_model converted/ --export run/salmonn_trainable.safetensors --output_dir merged/
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def apply_export(base_model: str, export: str, output_dir: str, overwrite: bool 
     """A converted base folder (or Hub id) plus an export -> a complete folder for `AutoModel` / `AutoProcessor`."""
     from transformers import AutoModel, AutoProcessor
 
-    from conversion.io_utils import atomic_output_dir
+    from salmonn.conversion.io_utils import atomic_output_dir
 
     model = AutoModel.from_pretrained(base_model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(base_model, trust_remote_code=True)

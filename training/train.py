@@ -4,8 +4,8 @@ salmonn-train: the paper's three training stages on the `transformers` Trainer.
     salmonn-train --stage pretrain --model_name_or_path converted/ --train_file asr_aac.json --output_dir stage1/
     salmonn-train --stage instruct --model_name_or_path stage1/ --train_file instruct.json --output_dir stage2/
     salmonn-train --stage activation --model_name_or_path stage2/ --train_file story_clips.json --output_dir stage3/
-    torchrun --nproc_per_node 8 -m training.train --stage pretrain ...              # DDP
-    accelerate launch --config_file training/recipes/accelerate_deepspeed_zero2.yaml -m training.train ...
+    torchrun --nproc_per_node 8 -m salmonn.training.train --stage pretrain ...              # DDP
+    accelerate launch --config_file training/recipes/accelerate_deepspeed_zero2.yaml -m salmonn.training.train ...
 
 The recipe of the stage (`training/recipes/{stage}.yaml`: the paper's optimiser, schedule and batch size) gives the
 defaults; a YAML or JSON file of arguments given first (`salmonn-train my_run.yaml --seed 3`) overrides the recipe, and
