@@ -14,6 +14,10 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_A = REPO_ROOT / "tests" / "fixtures" / "original_tiny_a"
+# Our log-mel equals today's WhisperFeatureExtractor exactly; both run torch's float32 STFT, whose rounding depends on
+# the CPU's kernels: against the stored transformers 4.28 spectrograms they differ by 4.3e-5 on one machine and 1.06e-4
+# (synth_long) on another. The contract's bound is on what the model computes from them (1e-3 from wav).
+SPECTROGRAM_TOLERANCE_VS_4_28 = 2e-4
 
 
 def fixture_golden() -> dict:
