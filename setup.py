@@ -17,7 +17,6 @@ setup(
     package_dir={f"salmonn.{name}": name for name in HELPER_PACKAGES},
     package_data={
         "salmonn.training": ["recipes/*", "prompts/*.json"],
-        "salmonn.conversion": ["*.md"],
         "salmonn.inference": ["demo_model/*"],
     },
     include_package_data=True,
