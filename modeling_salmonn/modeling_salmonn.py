@@ -37,6 +37,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_salmonn.SalmonnConfig",
     "AutoModel": "modeling_salmonn.SalmonnForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
     "AutoProcessor": "processing_salmonn.SalmonnProcessor",
     "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
 }
@@ -46,6 +47,41 @@ AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
 AUDIO_SEGMENTS_PER_CHUNK = 8
+# Parts that stay in full precision when the language model is quantized: the encoders, the Q-Former path, the LoRA
+# matrices (tiny, and their scaling must stay adjustable) and the output head. `from_pretrained(quantization_config=)`
+# skips them as `salmonn-infer --quantize` does.
+NOT_QUANTIZED_MODULES = (
+    "model.speech_encoder",
+    "model.beats",
+    "model.ln_speech",
+    "model.ln_audio",
+    "model.speech_qformer",
+    "model.speech_llama_proj",
+    "lm_head",
+    r".*\.lora_A",
+    r".*\.lora_B",
+    r".*\.lora_dropout",
+)
+
+
+def quantize_language_model_only(quantization) -> None:
+    """
+    Adds `NOT_QUANTIZED_MODULES` to the skip list of a `quantization_config` given to `from_pretrained` (quanto's
+    `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`); transformers would otherwise quantize every
+    linear layer, the Whisper, BEATs and Q-Former ones included.
+    """
+    if quantization is None:
+        return
+    is_dict = isinstance(quantization, dict)
+    fields = quantization if is_dict else vars(quantization)
+    name = "llm_int8_skip_modules" if "llm_int8_skip_modules" in fields else "modules_to_not_convert"
+    skip = list(fields.get(name) or [])
+    skip += [module for module in NOT_QUANTIZED_MODULES if module not in skip]
+    if is_dict:
+        quantization[name] = skip
+    else:
+        setattr(quantization, name, skip)
+
 
 
 @dataclass
@@ -375,6 +411,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        quantize_language_model_only(kwargs.get("quantization_config"))
         model = super().from_pretrained(*args, **kwargs)
         # Loading replaces the parameters, and with them the `requires_grad` flags set in `__init__`.
         model._freeze_pretrained_parts()
@@ -528,6 +565,17 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             audio_hidden_states=outputs.audio_hidden_states,
         )
 
+    def _check_streamer(self, kwargs: dict) -> None:
+        """Streaming needs greedy or sampled decoding, and SALMONN's default decode is the original's 4 beams."""
+        if kwargs.get("streamer") is None:
+            return
+        num_beams = kwargs.get("num_beams") or (kwargs.get("generation_config") or self.generation_config).num_beams
+        if num_beams > 1:
+            raise ValueError(
+                f"`streamer` works only with num_beams=1, but this generation uses num_beams={num_beams} (SALMONN's "
+                "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
+            )
+
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """
         `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
@@ -536,7 +584,13 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
+        self._check_streamer(kwargs)
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
+        if audio["input_features"] is None and input_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
+            raise ValueError(
+                "`input_ids` holds audio placeholder tokens but no audio was given: pass the processor's whole output "
+                "(`SalmonnProcessor(text=..., audio=...)`), or use pipeline('any-to-any') for audio conversations"
+            )
         if audio["input_features"] is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:
                 raise ValueError("Audio inputs need `input_ids` with audio placeholders and no `inputs_embeds`")
