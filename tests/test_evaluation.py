@@ -20,7 +20,7 @@ from salmonn.evaluation.evaluate import (
     main,
     read_predictions,
 )
-from salmonn.evaluation.normalizers import DEFAULT_SPELLING_MAPPING, english_normalizer, load_spelling_mapping
+from salmonn.evaluation.normalizers import english_normalizer, load_spelling_mapping
 from salmonn.evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
 
 
@@ -62,8 +62,21 @@ def test_wer_empty_reference_counts_insertions():
     assert out["insertions"] == 2 and out["reference_words"] == 1 and out["wer"] == pytest.approx(200.0)
 
 
+def test_wer_uses_whispers_full_spelling_map():
+    # None of these British spellings but "centre" was in the 65-word map this project used to ship (WER 50 %).
+    ref = "The paediatric anaesthetist catalogued the aluminium manoeuvres at the centre."
+    hyp = "the pediatric anesthetist cataloged the aluminum maneuvers at the center"
+    norm = english_normalizer()
+    assert norm(ref) == norm(hyp) == "the pediatric anesthetist cataloged the aluminum maneuvers at the center"
+    out = metrics.word_error_rate([ref, "Mr. Smith paid £20 for twenty-one colour programmes"], [hyp, "mister smith paid 20 pounds for 21 color programs"], norm)
+    assert norm("Mr. Smith paid £20 for twenty-one colour programmes") == "mister smith paid £20 for 21 color programs"
+    assert out["reference_words"] == 18 and out["errors"] == 0 and out["wer"] == 0.0  # "20 pounds" -> "£20" too
+    partial = metrics.word_error_rate([ref], [hyp], english_normalizer({"centre": "center"}))
+    assert partial["errors"] == 5 and partial["wer"] == pytest.approx(50.0)
+    assert load_spelling_mapping(None) is None
+
+
 def test_spelling_mapping_file(tmp_path):
-    assert DEFAULT_SPELLING_MAPPING["colour"] == "color"
     f = tmp_path / "english.json"
     f.write_text(json.dumps({"aluminium": "aluminum"}))
     norm = english_normalizer(load_spelling_mapping(f))
