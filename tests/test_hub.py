@@ -200,3 +200,28 @@ def test_converted_card_names_hub_sources_and_the_cached_release(tmp_path):
     local = SimpleNamespace(salmonn_checkpoint=str(tmp_path / "x.pth"), llm=str(tmp_path), whisper="openai/whisper-large-v2", dtype="float32")
     metadata = converted_model_card(model.config, local).data.to_dict()
     assert metadata["base_model"] == ["openai/whisper-large-v2"] and metadata["license"] == "other"
+
+
+def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoProcessor
+
+    base = save_tiny_checkpoint(tmp_path / "base")
+    peft_model = get_peft_model(
+        AutoModel.from_pretrained(base, trust_remote_code=True),
+        LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|k_proj)"),
+        adapter_name="mine",
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".mine." in name:
+                param.add_(0.05)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=True)
+    t = np.arange(16000) / 16000
+    inputs = processor(text=processor.format_prompt("Describe."), audio=0.3 * np.sin(2 * np.pi * 300 * t), sampling_rate=16000)
+    want = _logits(peft_model.eval(), inputs)
+    peft_model.save_pretrained(tmp_path / "adapters")
+    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), tmp_path / "adapters" / "mine", adapter_name="mine")
+    assert torch.equal(_logits(loaded.eval(), inputs), want)
+    without = _logits(AutoModel.from_pretrained(base, trust_remote_code=True).eval(), inputs)
+    assert not torch.allclose(want, without)

@@ -183,8 +183,9 @@ class SalmonnTrainer(Trainer):
         from modeling_salmonn.modelcard_salmonn import saved_model_card
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        as_list = lambda value: [value] if isinstance(value, str) else list(value or [])  # noqa: E731
-        card = saved_model_card(model, repo_id=self.hub_model_id, tags=as_list(tags), datasets=as_list(dataset_tags) or None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        datasets = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+        card = saved_model_card(model, repo_id=self.hub_model_id, tags=tags, datasets=datasets or None)
         if license is not None:
             card.data.license = license
         card.save(os.path.join(self.args.output_dir, "README.md"))
