@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_salmonn.modeling_salmonn import NOT_QUANTIZED_MODULES
+from modeling_salmonn.integrations_salmonn import NOT_QUANTIZED_MODULES
 
 
 logger = logging.getLogger(__name__)

@@ -179,7 +179,7 @@ def saved_model_card(model, repo_id: str | None = None, tags: list[str] | None =
         if not source_repo:
             inherited = metadata.get("base_model") or []
             base_models = [inherited] if isinstance(inherited, str) else list(inherited)
-    intro = f"\nThis model was fine-tuned from or saved from [{source_repo}](https://huggingface.co/{source_repo}).\n" if source_repo else ""
+    intro = f"\nThis model derives from [{source_repo}](https://huggingface.co/{source_repo}).\n" if source_repo else ""
     return salmonn_model_card(
         model.config,
         base_models=base_models,
@@ -196,8 +196,9 @@ def adapter_model_card(config, base_model: str | None):
     base = base_model or "path/to/base-salmonn"
     license = dict(LLAMA1_TERMS)
     card = _source_card(base_model)
-    if card is not None and card.data.to_dict().get("license"):
-        license = {name: card.data.to_dict()[name] for name in LICENSE_FIELDS if card.data.to_dict().get(name)}
+    metadata = card.data.to_dict() if card is not None else {}
+    if metadata.get("license"):
+        license = {name: metadata[name] for name in LICENSE_FIELDS if metadata.get(name)}
     usage = f"""This folder is a PEFT adapter of the base SALMONN `{base}`: SALMONN's LoRA of the language model and, as
 `modules_to_save`, the Q-Former path (window query, Q-Former, `ln_speech`/`ln_audio`, `speech_llama_proj`).
 

@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .adapters_salmonn import SalmonnPeftConfigs
+from .integrations_salmonn import SalmonnPeftConfigs, quantize_language_model_only
 from .configuration_salmonn import SalmonnConfig
 from .modelcard_salmonn import HUB_KWARGS, saved_model_card, upload_folder_to_hub
 from .modeling_beats import BeatsModel
@@ -30,7 +30,7 @@ REMOTE_CODE_FILES = (
     "modeling_salmonn.py",
     "feature_extraction_salmonn.py",
     "processing_salmonn.py",
-    "adapters_salmonn.py",
+    "integrations_salmonn.py",
     "modelcard_salmonn.py",
 )
 AUTO_MAP = {
@@ -47,43 +47,6 @@ AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
 AUDIO_SEGMENTS_PER_CHUNK = 8
-# Parts that stay in full precision when the language model is quantized: the encoders, the Q-Former path, the LoRA
-# matrices (tiny, and their scaling must stay adjustable) and the output head. `from_pretrained(quantization_config=)`
-# skips them as `salmonn-infer --quantize` does.
-NOT_QUANTIZED_MODULES = (
-    "model.speech_encoder",
-    "model.beats",
-    "model.ln_speech",
-    "model.ln_audio",
-    "model.speech_qformer",
-    "model.speech_llama_proj",
-    "lm_head",
-    r".*\.lora_A",
-    r".*\.lora_B",
-    r".*\.lora_dropout",
-)
-
-
-def quantize_language_model_only(quantization) -> None:
-    """
-    Adds `NOT_QUANTIZED_MODULES` to the skip list of a `quantization_config` given to `from_pretrained` (quanto's
-    `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`); transformers would otherwise quantize every
-    linear layer, the Whisper, BEATs and Q-Former ones included.
-    """
-    if quantization is None:
-        return
-    is_dict = isinstance(quantization, dict)
-    fields = quantization if is_dict else vars(quantization)
-    name = "llm_int8_skip_modules" if "llm_int8_skip_modules" in fields else "modules_to_not_convert"
-    skip = list(fields.get(name) or [])
-    skip += [module for module in NOT_QUANTIZED_MODULES if module not in skip]
-    if is_dict:
-        quantization[name] = skip
-    else:
-        setattr(quantization, name, skip)
-
-
-
 @dataclass
 class SalmonnModelOutputWithPast(ModelOutput):
     r"""

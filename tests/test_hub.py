@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from modeling_salmonn.adapters_salmonn import salmonn_lora_config
+from modeling_salmonn.integrations_salmonn import salmonn_lora_config
 from modeling_salmonn.modeling_salmonn import REMOTE_CODE_FILES
 from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
 from salmonn.training.train import main as train_main

@@ -65,7 +65,7 @@ def test_quantization_config_quantizes_the_language_model_only_as_quantize_int8_
 def test_bitsandbytes_config_skips_the_audio_path():
     from transformers import BitsAndBytesConfig
 
-    from modeling_salmonn.modeling_salmonn import NOT_QUANTIZED_MODULES, quantize_language_model_only
+    from modeling_salmonn.integrations_salmonn import NOT_QUANTIZED_MODULES, quantize_language_model_only
 
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["my_module"])
     quantize_language_model_only(config)

@@ -345,7 +345,7 @@ def setup_logging(training_args) -> None:
 
 def save_adapter(trainer, model_args, training_args) -> Path:
     """The fine-tune as a PEFT adapter of the model it started from, in output_dir/adapter/."""
-    from modeling_salmonn.adapters_salmonn import save_salmonn_adapter
+    from modeling_salmonn.integrations_salmonn import save_salmonn_adapter
 
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     folder = save_salmonn_adapter(model, Path(training_args.output_dir) / ADAPTER_DIR, base_model=model_args.model_name_or_path)

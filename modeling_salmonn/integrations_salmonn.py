@@ -1,4 +1,5 @@
-"""SALMONN's own LoRA under peft: a user's adapter goes beside it, and a fine-tune is shareable as a PEFT adapter."""
+"""peft and quantization with SALMONN: its own LoRA stays active beside a user's adapter, a fine-tune is shareable as
+a PEFT adapter, and a `quantization_config` quantizes the language model only."""
 
 from __future__ import annotations
 
@@ -156,3 +157,39 @@ def save_salmonn_adapter(model, save_directory: str | os.PathLike, base_model: s
     os.replace(tmp, save_directory / "adapter_model.safetensors")
     adapter_model_card(model.config, base_model).save(save_directory / "README.md")
     return save_directory
+
+
+# Parts that stay in full precision when the language model is quantized: the encoders, the Q-Former path, the LoRA
+# matrices (tiny, and their scaling must stay adjustable) and the output head. `from_pretrained(quantization_config=)`
+# skips them as `salmonn-infer --quantize` does.
+NOT_QUANTIZED_MODULES = (
+    "model.speech_encoder",
+    "model.beats",
+    "model.ln_speech",
+    "model.ln_audio",
+    "model.speech_qformer",
+    "model.speech_llama_proj",
+    "lm_head",
+    r".*\.lora_A",
+    r".*\.lora_B",
+    r".*\.lora_dropout",
+)
+
+
+def quantize_language_model_only(quantization) -> None:
+    """
+    Adds `NOT_QUANTIZED_MODULES` to the skip list of a `quantization_config` given to `from_pretrained` (quanto's
+    `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`); transformers would otherwise quantize every
+    linear layer, the Whisper, BEATs and Q-Former ones included.
+    """
+    if quantization is None:
+        return
+    is_dict = isinstance(quantization, dict)
+    fields = quantization if is_dict else vars(quantization)
+    name = "llm_int8_skip_modules" if "llm_int8_skip_modules" in fields else "modules_to_not_convert"
+    skip = list(fields.get(name) or [])
+    skip += [module for module in NOT_QUANTIZED_MODULES if module not in skip]
+    if is_dict:
+        quantization[name] = skip
+    else:
+        setattr(quantization, name, skip)
