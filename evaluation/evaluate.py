@@ -3,6 +3,7 @@
     salmonn-eval --model PATH_OR_ID --task asr --data test.jsonl --output out/asr
     salmonn-eval --task asr --predictions out/asr/predictions.jsonl          # score only, no model
     salmonn-eval --compare out/asr_a out/asr_b                              # two result folders side by side
+    salmonn-eval --model PATH_OR_ID --task asr --dataset_name NAME --split test --output out/asr   # a `datasets` dataset
 
 The manifest is JSONL, CSV/TSV or JSON (a list, or the original `{"annotation": [...]}` form) with `audio`
 (or `path`; relative to the manifest allowed), `reference` (or `text`) and optional `id`, `Q`, `task`,

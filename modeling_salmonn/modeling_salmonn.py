@@ -146,10 +146,12 @@ class SalmonnPreTrainedModel(PreTrainedModel):
         for name in REMOTE_CODE_FILES:
             if (source_dir / name).is_file() and not (Path(save_directory) / name).exists():
                 shutil.copyfile(source_dir / name, Path(save_directory) / name)
+        if not kwargs.get("is_main_process", True):
+            return
         repo_id = hub_kwargs.pop("repo_id", None) or (Path(save_directory).name if push_to_hub else None)
         tags = hub_kwargs.pop("tags", None)
         saved_model_card(self, repo_id=repo_id, tags=tags).save(Path(save_directory) / "README.md")
-        if push_to_hub and kwargs.get("is_main_process", True):
+        if push_to_hub:
             upload_folder_to_hub(save_directory, repo_id, **hub_kwargs)
 
     def push_to_hub(
