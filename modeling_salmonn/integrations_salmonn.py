@@ -119,12 +119,13 @@ class SalmonnPeftConfigs(dict):
         self._added = None
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """
     The fine-tuned tensors in `PeftModel.save_pretrained`'s key format: SALMONN's LoRA (adapter name dropped), the
     Q-Former path as `modules_to_save`, and the window query under its plain key (loaded into the base model).
+    `state` (default: the model's state dict) may be the full weights read back from a saved folder.
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     tensors = {}
     for name in _salmonn_lora_layers(model):
         for part in ("lora_A", "lora_B"):
@@ -136,7 +137,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
 
 
-def save_salmonn_adapter(model, save_directory: str | os.PathLike, base_model: str | None) -> Path:
+def save_salmonn_adapter(
+    model, save_directory: str | os.PathLike, base_model: str | None, state: dict[str, torch.Tensor] | None = None
+) -> Path:
     """
     Writes `adapter_config.json` + `adapter_model.safetensors` (+ README.md): `PeftModel.from_pretrained(base,
     save_directory)` on the base SALMONN (`base_model`) is then this fine-tuned model.
@@ -153,7 +156,7 @@ def save_salmonn_adapter(model, save_directory: str | os.PathLike, base_model: s
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(save_directory))
     tmp = save_directory / "adapter_model.safetensors.tmp"
-    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(adapter_state_dict(model, state), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, save_directory / "adapter_model.safetensors")
     adapter_model_card(model.config, base_model).save(save_directory / "README.md")
     return save_directory

@@ -347,8 +347,14 @@ def save_adapter(trainer, model_args, training_args) -> Path:
     """The fine-tune as a PEFT adapter of the model it started from, in output_dir/adapter/."""
     from modeling_salmonn.integrations_salmonn import save_salmonn_adapter
 
+    from .export import trainable_tensors_from_saved_folder
+
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-    folder = save_salmonn_adapter(model, Path(training_args.output_dir) / ADAPTER_DIR, base_model=model_args.model_name_or_path)
+    # The saved folder holds the gathered weights (the live ones are shards under FSDP or ZeRO-3).
+    state = trainable_tensors_from_saved_folder(training_args.output_dir, model)
+    folder = save_salmonn_adapter(
+        model, Path(training_args.output_dir) / ADAPTER_DIR, base_model=model_args.model_name_or_path, state=state
+    )
     logger.info("Wrote the PEFT adapter (base model %s) to %s", model_args.model_name_or_path, folder)
     return folder
 
