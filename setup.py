@@ -17,7 +17,6 @@ setup(
     package_dir={f"salmonn.{name}": name for name in HELPER_PACKAGES},
     package_data={
         "salmonn.training": ["recipes/*", "prompts/*.json"],
-        "salmonn.conversion": ["*.md"],
         "salmonn.inference": ["demo_model/*"],
     },
     include_package_data=True,
@@ -39,7 +38,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "playwright>=1.45"],
         "train": ["datasets>=3"],
-        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4"],
+        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4", "whisper-normalizer>=0.1.12", "datasets>=3"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=6,<7"],
     },

@@ -16,7 +16,6 @@ import logging
 import math
 import re
 import shutil
-import string
 import struct
 import sys
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from salmonn.conversion.io_utils import atomic_output_dir
 from salmonn.conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
 from salmonn.inference.tiny import AUDIO_TOKEN, add_salmonn_tokens
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
+from modeling_salmonn.modelcard_salmonn import hub_id_of, license_for_llm, salmonn_model_card
 from modeling_salmonn.modeling_salmonn import AUTO_MAP, REMOTE_CODE_FILES, original_generation_config
 
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The release's settings (configs/config.yaml), used when neither a flag nor the checkpoint's `config` gives a value.
 ORIGINAL_DEFAULTS = {"second_per_window": 0.333333, "second_stride": 0.333333, "lora_alpha": 32, "lora_dropout": 0.1}
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Original `.pth` key -> our key.
 _RENAMES = [
@@ -486,25 +485,22 @@ def verify_folder(folder: Path, mode: str, total_bytes: int) -> None:
     logger.info("Verified: the folder reloads through AutoModel/AutoProcessor and generates")
 
 
-def render_model_card(config: SalmonnConfig, args: ConvertArguments, lora_rank: int) -> str:
-    template_path = REPO_ROOT / "model_card.md"
-    if not template_path.is_file():
-        template_path = Path(__file__).resolve().parent / "model_card.md"
-    template = string.Template(template_path.read_text(encoding="utf-8"))
-    llm = args.llm.rstrip("/")
-    is_v15 = "v1.5" in llm
-    size = "13B" if config.text_config.hidden_size == 5120 else "7B" if config.text_config.hidden_size == 4096 else "custom"
-    return template.safe_substitute(
-        license="llama2" if is_v15 else "other",
-        base_llm=llm if "/" in llm and not Path(llm).exists() else ("lmsys/vicuna-7b-v1.5" if is_v15 else "lmsys/vicuna-13b-v1.1"),
-        whisper=args.whisper if "/" in args.whisper and not Path(args.whisper).exists() else "openai/whisper-large-v2",
-        size=size,
-        lora_scaling=f"{config.lora_alpha / lora_rank:g}",
-        lora_note="merged into the LLM (fixed scaling)" if args.merge_lora else "kept separate (unmerged) so the scaling can change",
-        audio_tokens=config.audio_tokens_per_segment,
-        second_per_window=config.second_per_window,
-        second_stride=config.second_stride,
-        dtype=args.dtype,
+def converted_model_card(config: SalmonnConfig, args: ConvertArguments):
+    """The card of a converted folder, from the package's one card writer. Base models are named only when given
+    as Hub ids (or read from the Hub cache), never guessed for local paths."""
+    hidden = config.text_config.hidden_size
+    size = "13B" if hidden == 5120 else "7B" if hidden == 4096 else "custom-size"
+    base_models = [hub_id_of(source) for source in (args.salmonn_checkpoint, args.llm, args.whisper)]
+    intro = (
+        "\nThis folder was converted from the original release with `salmonn-convert` (the `salmonn` package) and "
+        f"gives the same numbers as the original code on the same weights. Weights are stored in {args.dtype}.\n"
+    )
+    return salmonn_model_card(
+        config,
+        base_models=[name for name in base_models if name],
+        license=license_for_llm(args.llm),
+        title=f"SALMONN {size} (transformers)",
+        intro=intro,
     )
 
 
@@ -586,7 +582,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
             shutil.copyfile(source_dir / name, tmp / name)
         feature_extractor = SalmonnFeatureExtractor(feature_size=whisper_config.num_mel_bins)
         SalmonnProcessor(feature_extractor, tokenizer, audio_tokens_per_segment=config.audio_tokens_per_segment).save_pretrained(tmp)
-        (tmp / "README.md").write_text(render_model_card(config, args, lora_rank), encoding="utf-8")
+        converted_model_card(config, args).save(tmp / "README.md")
         verify_folder(tmp, args.verify, writer.total_bytes)
     output = Path(args.output)
     if args.push_to_hub:

@@ -3,6 +3,7 @@
     salmonn-eval --model PATH_OR_ID --task asr --data test.jsonl --output out/asr
     salmonn-eval --task asr --predictions out/asr/predictions.jsonl          # score only, no model
     salmonn-eval --compare out/asr_a out/asr_b                              # two result folders side by side
+    salmonn-eval --model PATH_OR_ID --task asr --dataset_name NAME --split test --output out/asr   # a `datasets` dataset
 
 The manifest is JSONL, CSV/TSV or JSON (a list, or the original `{"annotation": [...]}` form) with `audio`
 (or `path`; relative to the manifest allowed), `reference` (or `text`) and optional `id`, `Q`, `task`,
@@ -27,9 +28,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import HfArgumentParser
+
+from salmonn.extras import missing_extra_message
+from salmonn.inference.options import DatasetArguments, row_audio
 
 from .normalizers import load_spelling_mapping
 from .tasks import METRIC_LABELS, TASKS, TaskSpec, get_task, paper_values, score_task, task_matches
@@ -75,12 +79,17 @@ class EvalArguments:
         metadata={"help": "Which of the paper's test sets to compare against (default: all of the task's)."},
     )
     batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, float16 or bfloat16."})
-    device: str = field(default="cpu", metadata={"help": "Device, e.g. cpu or cuda:0."})
-    device_map: str | None = field(default=None, metadata={"help": "accelerate device map, e.g. auto."})
-    quantize: str | None = field(
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Model precision."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps, or auto (a GPU when there is one)."})
+    device_map: str | None = field(
+        default=None, metadata={"help": "Spread the model over devices with accelerate, e.g. 'auto' (overrides --device)."}
+    )
+    quantize: Literal["int8", "8bit", "4bit"] | None = field(
         default=None,
-        metadata={"help": "Quantise the LLM: int8 (optimum-quanto, CPU or GPU), 8bit or 4bit (bitsandbytes, CUDA)."},
+        metadata={
+            "help": "Quantize the language model only: int8 (optimum-quanto int8 weights, the LLM computing in "
+            "bfloat16; CPU or GPU) or 8bit/4bit (bitsandbytes, CUDA only)."
+        },
     )
     lora_scaling: float | None = field(
         default=None, metadata={"help": "LoRA scaling factor (paper: activation discount)."}
@@ -90,15 +99,16 @@ class EvalArguments:
         default=None, metadata={"help": "Override the generation config's max_new_tokens."}
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
-    overwrite_output: bool = field(
-        default=False, metadata={"help": "Discard existing predictions in --output instead of resuming."}
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Discard existing predictions in --output instead of resuming.", "aliases": ["--overwrite_output"]},
     )
     normalizer: str = field(
         default="english", metadata={"help": "WER text normaliser: english (Whisper's), basic or none."}
     )
     spelling_mapping: str | None = field(
         default=None,
-        metadata={"help": "British->American spelling JSON for the English normaliser (default: a built-in list)."},
+        metadata={"help": "British->American spelling JSON replacing Whisper's own map in the English normaliser."},
     )
     judge: str | None = field(
         default=None,
@@ -106,7 +116,7 @@ class EvalArguments:
             "help": "module:callable judging open answers, called as judge(task, record) -> {follows, correct}."
         },
     )
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr (--no_progress hides it)."})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,6 +206,34 @@ def load_manifest(path: str | Path, spec: TaskSpec) -> list[dict]:
     return _assign_ids(items, path)
 
 
+def load_dataset_items(data_args: DatasetArguments, spec: TaskSpec):
+    """
+    Items of a `datasets` dataset (read as salmonn-train reads one), with `_row` pointing at the row whose audio is
+    decoded when its batch comes. Rows of other tasks (a `task` column) are skipped; a caption task takes its
+    several references as a list in the text column.
+    """
+    rows = data_args.load()
+    n = len(rows)
+    texts, tasks, questions = (rows.column(key) or [None] * n for key in ("text", "task", "Q"))
+    where = f"--dataset_name {data_args.dataset_name} (split {data_args.split!r})"
+    items = []
+    for i in range(n):
+        if not task_matches(spec, tasks[i] or None):
+            continue
+        if spec.needs_reference and texts[i] in (None, "", []):
+            raise ValueError(f"{where}: row {i} has no reference in column {data_args.text_column!r} (see --text_column)")
+        if spec.needs_question and not questions[i]:
+            raise ValueError(f"{where}: row {i} needs a question 'Q' for task {spec.name!r}")
+        name = f"{data_args.dataset_name}[{data_args.split}]:{i}"
+        items.append(
+            {"id": None, "audio": name, "audio_name": name, "expand_wav": [], "reference": texts[i], "Q": questions[i] or "",
+             "transcript": None, "task": tasks[i] or None, "_row": i}
+        )
+    if not items:
+        raise ValueError(f"{where}: no rows for task {spec.name!r}")
+    return _assign_ids(items, where), rows
+
+
 def _merge_references(items: list[dict]) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for item in items:
@@ -213,7 +251,7 @@ def _assign_ids(items: list[dict], path: Path) -> list[dict]:
     explicit = [i["id"] for i in items if i["id"] is not None]
     if len(explicit) != len(set(explicit)):
         dup = next(x for x in explicit if explicit.count(x) > 1)
-        raise ValueError(f"--data {path}: id {dup!r} occurs more than once")
+        raise ValueError(f"{path if isinstance(path, str) else f'--data {path}'}: id {dup!r} occurs more than once")
     used = set(explicit)
     counts: dict[str, int] = {}
     for item in items:
@@ -479,21 +517,28 @@ def _load_joined_audio(item: dict):
 
 
 class _ModelItems:
-    """The engine's items, built lazily (joined audio is loaded only when its batch comes); sized for tqdm."""
+    """The engine's items, built lazily (joined audio or dataset rows are read only when their batch comes)."""
 
-    def __init__(self, items: list[dict], prompts: dict[str, str], on_error):
-        self.items, self.prompts, self.on_error = items, prompts, on_error
+    def __init__(self, items: list[dict], prompts: dict[str, str], on_error, rows=None):
+        self.items, self.prompts, self.on_error, self.rows = items, prompts, on_error, rows
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __iter__(self) -> Iterator[dict]:
-        return _model_items(self.items, self.prompts, self.on_error)
+        return _model_items(self.items, self.prompts, self.on_error, self.rows)
 
 
-def _model_items(items: list[dict], prompts: dict[str, str], on_error) -> Iterator[dict]:
+def _model_items(items: list[dict], prompts: dict[str, str], on_error, rows=None) -> Iterator[dict]:
     for item in items:
-        if item["expand_wav"]:
+        if "_row" in item:
+            try:
+                audio = row_audio(rows[item["_row"]])
+            except ValueError as err:  # undecodable audio in the row: record it and carry on
+                on_error(item, str(err))
+                continue
+            yield {"id": item["id"], "prompt": prompts[item["id"]], **audio}
+        elif item["expand_wav"]:
             try:
                 audio = _load_joined_audio(item)
             except Exception as err:  # a broken or missing file: record it and carry on
@@ -534,9 +579,13 @@ def _scoring_options(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
     }
 
 
-def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
+def run_evaluation(args: EvalArguments, spec: TaskSpec, data_args: DatasetArguments | None = None) -> dict[str, Any]:
     scoring = _scoring_options(args, spec)
-    items = load_manifest(args.data, spec)
+    rows = None
+    if data_args is not None and data_args.dataset_name is not None:
+        items, rows = load_dataset_items(data_args, spec)
+    else:
+        items = load_manifest(args.data, spec)
     if args.limit is not None:
         items = items[: args.limit]
     prompt_file = load_prompt_file(args.prompt_file) if args.prompt_file else None
@@ -550,19 +599,19 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
         generation_kwargs["max_new_tokens"] = args.max_new_tokens
     settings = {
         "model": args.model,
-        "data": str(args.data),
+        "data": str(args.data) if rows is None else f"{data_args.dataset_name}[{data_args.split}]",
         "prompt_source": "--prompt" if args.prompt else (args.prompt_file or "salmonn-eval defaults"),
         "generation_kwargs": generation_kwargs or "model generation_config",
         "lora_scaling": args.lora_scaling,
         "normalizer": args.normalizer,
-        "spelling_mapping": args.spelling_mapping or "built-in",
+        "spelling_mapping": args.spelling_mapping or "whisper",
         "judge": args.judge or "string match",
     }
 
     output = Path(args.output)
     pred_path = output / "predictions.jsonl"
     config_path = output / "run_config.json"
-    if args.overwrite_output:
+    if args.overwrite:
         pred_path.unlink(missing_ok=True)
     done: set[str] = set()
     if pred_path.exists():
@@ -572,7 +621,7 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
             if key in previous and previous[key] != current[key]:
                 raise ValueError(
                     f"--output {output} holds predictions made with {key}={previous[key]!r}, not {current[key]!r}; "
-                    "use another folder or --overwrite_output"
+                    "use another folder or --overwrite"
                 )
         latest = _latest_by_id(read_predictions(pred_path, repair_tail=True))
         for item in items:
@@ -582,7 +631,7 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
             if record.get("prompt") != prompts[item["id"]]:
                 raise ValueError(
                     f"--output {output}: item {item['id']!r} was answered with another prompt "
-                    f"({record.get('prompt')!r}); use another folder or --overwrite_output"
+                    f"({record.get('prompt')!r}); use another folder or --overwrite"
                 )
             done.add(item["id"])
         logger.info("resuming: %d of %d items already answered in %s", len(done), len(items), pred_path)
@@ -616,11 +665,11 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
             results = engine.run_items(
                 model,
                 processor,
-                _ModelItems(todo, prompts, on_error),
+                _ModelItems(todo, prompts, on_error, rows),
                 batch_size=args.batch_size,
                 generation_kwargs=generation_kwargs or None,
                 done_ids=frozenset(done),
-                progress=not args.no_progress,
+                progress=args.progress,
             )
             for out in results:
                 item = by_id[out["id"]]
@@ -641,9 +690,20 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(EvalArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((EvalArguments, DatasetArguments))
+    args, data_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _main(parser, args, data_args)
+    except ImportError as err:
+        message = missing_extra_message(err, "salmonn-eval", preferred_extra="eval")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _main(parser: HfArgumentParser, args: EvalArguments, data_args: DatasetArguments) -> int:
     try:
         if args.compare is not None:
             if len(args.compare) != 2:
@@ -659,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = {
                 "predictions": args.predictions,
                 "normalizer": args.normalizer,
-                "spelling_mapping": args.spelling_mapping or "built-in",
+                "spelling_mapping": args.spelling_mapping or "whisper",
                 "judge": args.judge or "string match",
             }
             records = list(_latest_by_id(read_predictions(args.predictions)).values())
@@ -667,10 +727,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.output:
                 write_results(Path(args.output), results)
         else:
-            missing = [f"--{n}" for n in ("model", "data", "output") if getattr(args, n) is None]
+            if args.data is not None and data_args.dataset_name is not None:
+                raise ValueError("give --data or --dataset_name, not both")
+            missing = [f"--{n}" for n in ("model", "output") if getattr(args, n) is None]
+            if args.data is None and data_args.dataset_name is None:
+                missing.append("--data (or --dataset_name)")
             if missing:
                 raise ValueError(f"{', '.join(missing)} required (or --predictions FILE to score existing answers)")
-            results = run_evaluation(args, spec)
+            results = run_evaluation(args, spec, data_args)
     except ValueError as err:
         parser.error(str(err))
     print(results_markdown(results), end="")

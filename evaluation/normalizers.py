@@ -1,12 +1,8 @@
 """Text normalisers used before scoring.
 
-WER is computed after transformers' Whisper English normaliser
-(`transformers.models.whisper.english_normalizer.EnglishTextNormalizer`), as is usual for Whisper-based ASR.
-That normaliser expects a British-to-American spelling mapping, which Whisper ships as `english.json` and
-which transformers normally downloads with a tokenizer. Nothing may be downloaded here, so the mapping is
-either a file the user passes (`--spelling_mapping english.json`, the usual Whisper file works) or the
-small built-in `DEFAULT_SPELLING_MAPPING` below (common -our/-re/-ise/-yse/-ll- words). Text that uses
-none of the mapped words is normalised exactly as with the full mapping.
+WER is computed after Whisper's English normaliser with its full spelling map, as is usual for Whisper-based ASR:
+the `whisper-normalizer` package ships both (the `eval` extra installs it), so nothing is downloaded at run time.
+`--spelling_mapping file.json` replaces the spelling map (transformers' copy of the normaliser then applies it).
 """
 
 from __future__ import annotations
@@ -19,81 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-# A short British -> American spelling list, written for this project. Whisper's full list has ~1,700
-# entries; pass it with `--spelling_mapping` to reproduce Whisper-normalised numbers exactly.
-DEFAULT_SPELLING_MAPPING: dict[str, str] = {
-    "aeroplane": "airplane",
-    "aeroplanes": "airplanes",
-    "analyse": "analyze",
-    "analysed": "analyzed",
-    "analysing": "analyzing",
-    "apologise": "apologize",
-    "apologised": "apologized",
-    "armour": "armor",
-    "behaviour": "behavior",
-    "behaviours": "behaviors",
-    "cancelled": "canceled",
-    "cancelling": "canceling",
-    "catalogue": "catalog",
-    "centre": "center",
-    "centres": "centers",
-    "cheque": "check",
-    "colour": "color",
-    "coloured": "colored",
-    "colours": "colors",
-    "defence": "defense",
-    "dialogue": "dialog",
-    "endeavour": "endeavor",
-    "favour": "favor",
-    "favourite": "favorite",
-    "favourites": "favorites",
-    "flavour": "flavor",
-    "grey": "gray",
-    "harbour": "harbor",
-    "honour": "honor",
-    "honoured": "honored",
-    "humour": "humor",
-    "jewellery": "jewelry",
-    "labour": "labor",
-    "litre": "liter",
-    "litres": "liters",
-    "metre": "meter",
-    "metres": "meters",
-    "mould": "mold",
-    "neighbour": "neighbor",
-    "neighbours": "neighbors",
-    "neighbourhood": "neighborhood",
-    "offence": "offense",
-    "organisation": "organization",
-    "organise": "organize",
-    "organised": "organized",
-    "plough": "plow",
-    "practise": "practice",
-    "programme": "program",
-    "programmes": "programs",
-    "realise": "realize",
-    "realised": "realized",
-    "recognise": "recognize",
-    "recognised": "recognized",
-    "rumour": "rumor",
-    "savour": "savor",
-    "splendour": "splendor",
-    "theatre": "theater",
-    "travelled": "traveled",
-    "traveller": "traveler",
-    "travelling": "traveling",
-    "tyre": "tire",
-    "tyres": "tires",
-    "valour": "valor",
-    "vapour": "vapor",
-    "vigour": "vigor",
-}
-
-
-def load_spelling_mapping(path: str | Path | None) -> dict[str, str]:
-    """The built-in mapping, or a `{british: american}` JSON file (e.g. Whisper's `english.json`)."""
+def load_spelling_mapping(path: str | Path | None) -> dict[str, str] | None:
+    """A `{british: american}` JSON file (e.g. Whisper's `english.json`); None keeps Whisper's own mapping."""
     if path is None:
-        return dict(DEFAULT_SPELLING_MAPPING)
+        return None
     path = Path(path)
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
@@ -105,10 +30,21 @@ def load_spelling_mapping(path: str | Path | None) -> dict[str, str]:
 
 
 def english_normalizer(spelling_mapping: dict[str, str] | None = None) -> Callable[[str], str]:
-    """transformers' Whisper English normaliser with an offline spelling mapping."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+    """
+    Whisper's English normaliser with its full British -> American spelling map (about 1,700 words, shipped by the
+    `whisper-normalizer` package), as Whisper-based ASR results are reported; a given mapping replaces that map.
+    """
+    if spelling_mapping is not None:
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    return EnglishTextNormalizer(DEFAULT_SPELLING_MAPPING if spelling_mapping is None else spelling_mapping)
+        return EnglishTextNormalizer(spelling_mapping)
+    try:
+        from whisper_normalizer.english import EnglishTextNormalizer
+    except ImportError as err:
+        raise ImportError(
+            "The English WER normaliser needs the whisper-normalizer package: pip install 'salmonn[eval]'"
+        ) from err
+    return EnglishTextNormalizer()
 
 
 def basic_normalizer() -> Callable[[str], str]:

@@ -25,6 +25,10 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
+from salmonn.extras import missing_extra_message
+
+from .options import DatasetArguments, DatasetPromptItems
+
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        InferArguments,
+        (InferArguments, DatasetArguments),
         prog="salmonn-infer",
         formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0],
@@ -101,7 +105,8 @@ def build_parser() -> HfArgumentParser:
             "  salmonn-infer --model ./salmonn-13b --prompt 'Transcribe the speech.' clips/ --output asr.jsonl\n"
             "  salmonn-infer --model ./salmonn-13b 'data/**/*.flac' --batch-size 16 --dtype bfloat16\n"
             "  salmonn-infer --model ./salmonn-13b manifest.jsonl --num-beams 1 --max-new-tokens 64\n"
-            "  salmonn-infer --model ./salmonn-13b clip.wav --stream --prompt 'What happens in this recording?'"
+            "  salmonn-infer --model ./salmonn-13b clip.wav --stream --prompt 'What happens in this recording?'\n"
+            "  salmonn-infer --model ./salmonn-13b --dataset_name ./librispeech_test --split test --output asr.jsonl"
         ),
     )
     parser.add_argument(
@@ -362,21 +367,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra, remaining = parser.parse_args_into_dataclasses(
+    args, data_args, extra, remaining = parser.parse_args_into_dataclasses(
         args=_split_bool_flags(argv, _bool_flags(parser)), return_remaining_strings=True, look_for_args_file=False
     )
     unknown = [token for token in remaining if token.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     inputs = list(extra.inputs) + [token for token in remaining if not token.startswith("-")]
+    try:
+        return _run(args, data_args, inputs)
+    except ImportError as err:
+        message = missing_extra_message(err, "salmonn-infer")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
 
+
+def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.max_audio_seconds is not None and not args.max_audio_seconds > 0:
             raise ValueError(f"--max-audio-seconds must be positive, got {args.max_audio_seconds}")
         generation_kwargs = generation_kwargs_from(args)
-        items = expand_inputs(inputs, args.prompt)
+        if data_args.dataset_name is not None:
+            if inputs:
+                raise ValueError(f"give INPUT files or --dataset_name, not both (got {len(inputs)} INPUT)")
+            items = DatasetPromptItems(data_args.load(), args.prompt)
+        else:
+            items = expand_inputs(inputs, args.prompt)
         if args.stream:
             if len(items) != 1:
                 raise ValueError(f"--stream answers a single item, but the inputs give {len(items)}")
@@ -389,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
 
-    todo = [item for item in items if item["id"] not in done_ids]
-    if done_ids:
+    # A dataset is read row by row as it is answered: the engine skips the rows already done.
+    todo = items if isinstance(items, DatasetPromptItems) and not args.stream else [item for item in items if item["id"] not in done_ids]
+    if done_ids and not isinstance(todo, DatasetPromptItems):
         logger.info("Resuming: %d of %d items are already in %s", len(items) - len(todo), len(items), output)
     if not todo:
         logger.info("Nothing to do")
@@ -423,8 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             records = [_stream_one(model, processor, todo[0], generation_kwargs, to_stdout=output is not None)]
         else:
-            records = run_items(model, processor, todo, batch_size=args.batch_size, generation_kwargs=generation_kwargs, progress=args.progress)
+            records = run_items(
+                model, processor, todo, batch_size=args.batch_size, generation_kwargs=generation_kwargs,
+                done_ids=frozenset(done_ids), progress=args.progress,
+            )
         for record in records:
+            if isinstance(items, DatasetPromptItems) and record["id"] in items.references:
+                record["reference"] = items.references.pop(record["id"])
             writer.write(record)
             counts["error" if "error" in record else "answer"] += 1
     except KeyboardInterrupt:

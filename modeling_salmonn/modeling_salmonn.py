@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .integrations_salmonn import SalmonnPeftConfigs, quantize_language_model_only
 from .configuration_salmonn import SalmonnConfig
+from .modelcard_salmonn import HUB_KWARGS, saved_model_card, upload_folder_to_hub
 from .modeling_beats import BeatsModel
 
 
@@ -27,11 +30,14 @@ REMOTE_CODE_FILES = (
     "modeling_salmonn.py",
     "feature_extraction_salmonn.py",
     "processing_salmonn.py",
+    "integrations_salmonn.py",
+    "modelcard_salmonn.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_salmonn.SalmonnConfig",
     "AutoModel": "modeling_salmonn.SalmonnForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
     "AutoProcessor": "processing_salmonn.SalmonnProcessor",
     "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
 }
@@ -41,8 +47,6 @@ AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
 AUDIO_SEGMENTS_PER_CHUNK = 8
-
-
 @dataclass
 class SalmonnModelOutputWithPast(ModelOutput):
     r"""
@@ -130,14 +134,46 @@ class SalmonnPreTrainedModel(PreTrainedModel):
                     module.lora_B[name]._is_hf_initialized = True
         super().initialize_weights()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves weights and config with the remote code, so the folder loads with `trust_remote_code=True`."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """
+        Saves weights and config with the remote code and SALMONN's model card, so the folder loads with
+        `trust_remote_code=True`; with `push_to_hub=True` the finished folder is uploaded (remote code included).
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         source_dir = Path(__file__).resolve().parent
         for name in REMOTE_CODE_FILES:
             if (source_dir / name).is_file() and not (Path(save_directory) / name).exists():
                 shutil.copyfile(source_dir / name, Path(save_directory) / name)
+        if not kwargs.get("is_main_process", True):
+            return
+        repo_id = hub_kwargs.pop("repo_id", None) or (Path(save_directory).name if push_to_hub else None)
+        tags = hub_kwargs.pop("tags", None)
+        saved_model_card(self, repo_id=repo_id, tags=tags).save(Path(save_directory) / "README.md")
+        if push_to_hub:
+            upload_folder_to_hub(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """Saves the model (weights, remote code, SALMONN's card) to a temporary folder and uploads all of it."""
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags)
+            return upload_folder_to_hub(
+                tmp_dir, repo_id, commit_message=commit_message, commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr,
+            )
 
 
 class SalmonnModel(SalmonnPreTrainedModel):
@@ -340,6 +376,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        quantize_language_model_only(kwargs.get("quantization_config"))
         model = super().from_pretrained(*args, **kwargs)
         # Loading replaces the parameters, and with them the `requires_grad` flags set in `__init__`.
         model._freeze_pretrained_parts()
@@ -410,6 +447,27 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
                 layer.scaling[adapter] = float(value)
         return previous
 
+    # -- peft: a user's adapter goes beside SALMONN's LoRA ----------------------------------------------------
+
+    @property
+    def peft_config(self) -> SalmonnPeftConfigs:
+        """The adapters as peft sees them; peft's tuners check every new adapter here (see `SalmonnPeftConfigs`)."""
+        if "_salmonn_peft_configs" not in self.__dict__:
+            self.__dict__["_salmonn_peft_configs"] = SalmonnPeftConfigs(self)
+        return self.__dict__["_salmonn_peft_configs"]
+
+    @peft_config.setter
+    def peft_config(self, value) -> None:
+        # peft assigns the configs right after injecting an adapter: SALMONN's LoRA is restored and kept active.
+        configs = self.peft_config
+        if value is not configs:
+            configs.update(value)
+        configs.after_injection()
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        self.__dict__.pop("_salmonn_peft_configs", None)
+
     # -- forward and generation ----------------------------------------------------------------------------
 
     def get_audio_features(
@@ -472,6 +530,17 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             audio_hidden_states=outputs.audio_hidden_states,
         )
 
+    def _check_streamer(self, kwargs: dict) -> None:
+        """Streaming needs greedy or sampled decoding, and SALMONN's default decode is the original's 4 beams."""
+        if kwargs.get("streamer") is None:
+            return
+        num_beams = kwargs.get("num_beams") or (kwargs.get("generation_config") or self.generation_config).num_beams
+        if num_beams > 1:
+            raise ValueError(
+                f"`streamer` works only with num_beams=1, but this generation uses num_beams={num_beams} (SALMONN's "
+                "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
+            )
+
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """
         `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
@@ -480,7 +549,13 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
+        self._check_streamer(kwargs)
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
+        if audio["input_features"] is None and input_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
+            raise ValueError(
+                "`input_ids` holds audio placeholder tokens but no audio was given: pass the processor's whole output "
+                "(`SalmonnProcessor(text=..., audio=...)`), or use pipeline('any-to-any') for audio conversations"
+            )
         if audio["input_features"] is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:
                 raise ValueError("Audio inputs need `input_ids` with audio placeholders and no `inputs_embeds`")

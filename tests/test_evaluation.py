@@ -20,7 +20,7 @@ from salmonn.evaluation.evaluate import (
     main,
     read_predictions,
 )
-from salmonn.evaluation.normalizers import DEFAULT_SPELLING_MAPPING, english_normalizer, load_spelling_mapping
+from salmonn.evaluation.normalizers import english_normalizer, load_spelling_mapping
 from salmonn.evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
 
 
@@ -62,8 +62,21 @@ def test_wer_empty_reference_counts_insertions():
     assert out["insertions"] == 2 and out["reference_words"] == 1 and out["wer"] == pytest.approx(200.0)
 
 
+def test_wer_uses_whispers_full_spelling_map():
+    # None of these British spellings but "centre" was in the 65-word map this project used to ship (WER 50 %).
+    ref = "The paediatric anaesthetist catalogued the aluminium manoeuvres at the centre."
+    hyp = "the pediatric anesthetist cataloged the aluminum maneuvers at the center"
+    norm = english_normalizer()
+    assert norm(ref) == norm(hyp) == "the pediatric anesthetist cataloged the aluminum maneuvers at the center"
+    out = metrics.word_error_rate([ref, "Mr. Smith paid £20 for twenty-one colour programmes"], [hyp, "mister smith paid 20 pounds for 21 color programs"], norm)
+    assert norm("Mr. Smith paid £20 for twenty-one colour programmes") == "mister smith paid £20 for 21 color programs"
+    assert out["reference_words"] == 18 and out["errors"] == 0 and out["wer"] == 0.0  # "20 pounds" -> "£20" too
+    partial = metrics.word_error_rate([ref], [hyp], english_normalizer({"centre": "center"}))
+    assert partial["errors"] == 5 and partial["wer"] == pytest.approx(50.0)
+    assert load_spelling_mapping(None) is None
+
+
 def test_spelling_mapping_file(tmp_path):
-    assert DEFAULT_SPELLING_MAPPING["colour"] == "color"
     f = tmp_path / "english.json"
     f.write_text(json.dumps({"aluminium": "aluminum"}))
     norm = english_normalizer(load_spelling_mapping(f))
@@ -567,7 +580,7 @@ def test_resumption(tmp_path, monkeypatch):
         main(args + ["--prompt", "Transcribe."])
     with pytest.raises(SystemExit):  # so would other decoding settings
         main(args + ["--num_beams", "2"])
-    assert main(args + ["--prompt", "Transcribe.", "--overwrite_output"]) == 0
+    assert main(args + ["--prompt", "Transcribe.", "--overwrite"]) == 0
     assert [p for _, p in third.asked] == ["Transcribe."] * 3
 
 
@@ -648,3 +661,28 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "load_model_and_processor", lambda *a, **k: calls.append(a))
     assert main(args) == 0 and calls == []  # all answered: nothing reloaded
+
+
+def test_model_run_reads_a_datasets_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    import soundfile
+
+    rate, paths = 16000, []
+    for k, frequency in enumerate((300.0, 500.0, 700.0)):
+        paths.append(str(tmp_path / f"u{k}.wav"))
+        soundfile.write(paths[-1], 0.3 * np.sin(2 * np.pi * frequency * np.arange(rate) / rate), rate)
+    dataset = datasets.Dataset.from_dict({"audio": paths, "sentence": ASR_REFS}).cast_column("audio", datasets.Audio())
+    datasets.DatasetDict({"test": dataset}).save_to_disk(str(tmp_path / "ds"))
+    name = str(tmp_path / "ds")
+    fake = FakeEngine({f"{name}[test]:{i}": h for i, h in enumerate(ASR_HYPS)})
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
+    out = tmp_path / "out"
+    argv = ["--model", "m", "--task", "asr", "--dataset_name", name, "--text_column", "sentence", "--output", str(out)]
+    assert main(argv + ["--no_progress"]) == 0
+    assert [item_id for item_id, _ in fake.asked] == [f"{name}[test]:{i}" for i in range(3)]
+    records = read_predictions(out / "predictions.jsonl")
+    assert [r["reference"] for r in records] == ASR_REFS and [r["hypothesis"] for r in records] == ASR_HYPS
+    assert json.loads((out / "results.json").read_text())["metrics"]["wer"] == pytest.approx(100 * 2 / 12)
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--task", "asr", "--dataset_name", name, "--output", str(tmp_path / "o2")])  # no 'text' column

@@ -253,6 +253,11 @@ def test_push_to_hub_goes_through_the_trainer(tiny_run, tmp_path, monkeypatch):
     assert calls[0] == ("create_repo", "someone/salmonn-tiny")
     uploads = [c for c in calls if c[0] == "upload_folder"]
     assert uploads and {"model.safetensors", "config.json", "modeling_salmonn.py", "README.md"} <= set(uploads[-1][2])
+    from huggingface_hub import ModelCard
+
+    metadata = ModelCard.load(out / "README.md").data.to_dict()  # SALMONN's card, not the Trainer's generic draft
+    assert {"salmonn", "custom_code", "pretrain"} <= set(metadata["tags"]) and metadata["pipeline_tag"] == "audio-text-to-text"
+    assert metadata["license"] == "other" and metadata["library_name"] == "transformers"
 
 
 def test_activation_stage_writes_stories_with_discounted_lora_then_trains_on_them(tiny_run, tmp_path):

@@ -41,10 +41,10 @@ def save_trainable_export(model, path: str | os.PathLike, tensors: dict[str, tor
     return _write_export(tensors, model.config, path)
 
 
-def export_from_saved_folder(folder: str | os.PathLike, model, path: str | os.PathLike) -> Path:
+def trainable_tensors_from_saved_folder(folder: str | os.PathLike, model) -> dict[str, torch.Tensor]:
     """
-    The export, read back from a folder written by `save_pretrained`: under FSDP or DeepSpeed ZeRO-3 the live
-    parameters are shards, while the saved folder holds the gathered full weights.
+    The trainable tensors read back from a folder written by `save_pretrained`: under FSDP or DeepSpeed ZeRO-3 the
+    live parameters are shards, while the saved folder holds the gathered full weights.
     """
     from safetensors import safe_open
 
@@ -57,7 +57,12 @@ def export_from_saved_folder(folder: str | os.PathLike, model, path: str | os.Pa
             for key in handle.keys():
                 if model.is_trainable_parameter(key):
                     tensors[key] = handle.get_tensor(key)
-    return save_trainable_export(model, path, tensors)
+    return tensors
+
+
+def export_from_saved_folder(folder: str | os.PathLike, model, path: str | os.PathLike) -> Path:
+    """The export, from the saved folder's full weights (see `trainable_tensors_from_saved_folder`)."""
+    return save_trainable_export(model, path, trainable_tensors_from_saved_folder(folder, model))
 
 
 def _write_export(tensors: dict[str, torch.Tensor], config, path: Path) -> Path:

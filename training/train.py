@@ -12,7 +12,7 @@ defaults; a YAML or JSON file of arguments given first (`salmonn-train my_run.ya
 flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` receives the model and
 its processor (ready for `AutoModel` / `AutoProcessor` with `trust_remote_code=True`) and
 `salmonn_trainable.safetensors`, the trainable weights alone (apply it to a converted base with `python -m
-training.export`).
+training.export`), and `adapter/`, the same as a PEFT adapter of the starting model (`PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 STAGES = ("pretrain", "instruct", "activation")
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -154,6 +155,13 @@ class SalmonnArguments:
     activation_batch_size: int = field(default=4, metadata={"help": "Activation tuning: clips per generate call."})
     export_trainable: bool = field(
         default=True, metadata={"help": "Also write output_dir/salmonn_trainable.safetensors (the trainable weights only)."}
+    )
+    export_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "Also write output_dir/adapter/, a PEFT adapter (LoRA + the Q-Former path as modules_to_save) for "
+            "PeftModel.from_pretrained(<base SALMONN>, 'output_dir/adapter')."
+        },
     )
 
 
@@ -335,6 +343,22 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def save_adapter(trainer, model_args, training_args) -> Path:
+    """The fine-tune as a PEFT adapter of the model it started from, in output_dir/adapter/."""
+    from modeling_salmonn.integrations_salmonn import save_salmonn_adapter
+
+    from .export import trainable_tensors_from_saved_folder
+
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    # The saved folder holds the gathered weights (the live ones are shards under FSDP or ZeRO-3).
+    state = trainable_tensors_from_saved_folder(training_args.output_dir, model)
+    folder = save_salmonn_adapter(
+        model, Path(training_args.output_dir) / ADAPTER_DIR, base_model=model_args.model_name_or_path, state=state
+    )
+    logger.info("Wrote the PEFT adapter (base model %s) to %s", model_args.model_name_or_path, folder)
+    return folder
+
+
 def run(model_args, data_args, salmonn_args, training_args) -> dict:
     import torch
     from transformers import AutoModel, AutoProcessor, set_seed
@@ -436,6 +460,8 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
         trainer.save_state()
         if salmonn_args.export_trainable and training_args.should_save:
             export_from_saved_folder(training_args.output_dir, model, Path(training_args.output_dir) / TRAINABLE_EXPORT_NAME)
+        if salmonn_args.export_adapter and training_args.should_save:
+            save_adapter(trainer, model_args, training_args)
     if eval_dataset is not None and (training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO):
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(eval_dataset)

@@ -162,3 +162,30 @@ class SalmonnTrainer(Trainer):
             load_trainable_export(target, export)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # -- sharing --------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """SALMONN's card (the one writer of every save and push path) instead of the Trainer's generic draft."""
+        if not self.is_world_process_zero():
+            return
+        from modeling_salmonn.modelcard_salmonn import saved_model_card
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        datasets = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+        card = saved_model_card(model, repo_id=self.hub_model_id, tags=tags, datasets=datasets or None)
+        if license is not None:
+            card.data.license = license
+        card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -1,0 +1,198 @@
+"""peft and quantization with SALMONN: its own LoRA stays active beside a user's adapter, a fine-tune is shareable as
+a PEFT adapter, and a `quantization_config` quantizes the language model only."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+
+
+# SALMONN injects its LoRA into the language model under peft's default adapter name.
+SALMONN_ADAPTER_NAME = "default"
+# What SALMONN training changes besides the LoRA (see `is_trainable_parameter`): whole modules, which peft saves as
+# `modules_to_save`, and the learned window query, a bare parameter that peft cannot wrap (saved under its own key).
+ADAPTER_MODULES_TO_SAVE = ["speech_qformer", "ln_speech", "ln_audio", "speech_llama_proj"]
+QUERY_TOKENS_KEY = "model.speech_query_tokens"
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+def salmonn_lora_config(model, modules_to_save: list[str] | None = None) -> LoraConfig:
+    """SALMONN's LoRA as a peft config on the whole model: the language model's projections only."""
+    config = model.config
+    targets = "|".join(re.escape(name) for name in config.lora_target_modules)
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=rf"model\.language_model\..*\.({targets})",
+        bias="none",
+        modules_to_save=modules_to_save,
+    )
+
+
+def _salmonn_lora_layers(model) -> dict[str, LoraLayer]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and SALMONN_ADAPTER_NAME in module.lora_A and name.startswith("model.language_model.")
+    }
+
+
+def _is_salmonn_layout(model, config) -> bool:
+    """Whether `config` describes SALMONN's LoRA itself: same layers, rank and alpha (e.g. a salmonn-train adapter)."""
+    layers = _salmonn_lora_layers(model)
+    if not isinstance(config, LoraConfig) or not layers or model.config.lora_rank != config.r:
+        return False
+    if float(model.config.lora_alpha) != float(config.lora_alpha):
+        return False
+    targeted = {name for name, _ in model.named_modules() if check_target_module_exists(config, name)}
+    return targeted == set(layers)
+
+
+class SalmonnPeftConfigs(dict):
+    """
+    The adapters peft sees on a SALMONN model (`model.peft_config`). peft's tuners store each new adapter here before
+    injecting it, which is where a user's `get_peft_model` / `PeftModel.from_pretrained` is checked: SALMONN's
+    trained LoRA is the adapter "default" of the language model, and peft would silently re-create it (rank, scaling
+    and trained weights lost) and deactivate it for a new adapter.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self._model_ref = [model]  # a list keeps nn.Module from registering the model as a submodule
+        self._saved_lora: dict[str, torch.Tensor] | None = None
+        self._added: str | None = None
+        if _salmonn_lora_layers(model):
+            super().__setitem__(SALMONN_ADAPTER_NAME, salmonn_lora_config(model))
+
+    def __setitem__(self, adapter_name: str, config) -> None:
+        model = self._model_ref[0]
+        if adapter_name == SALMONN_ADAPTER_NAME and _salmonn_lora_layers(model):
+            if not _is_salmonn_layout(model, config):
+                raise ValueError(
+                    f"SALMONN's own trained LoRA is the adapter {SALMONN_ADAPTER_NAME!r} of its language model "
+                    f"(r={model.config.lora_rank}, lora_alpha={model.config.lora_alpha:g}); peft would replace it. "
+                    "Add yours beside it with `get_peft_model(model, config, adapter_name='my_adapter')` (SALMONN's "
+                    "LoRA stays active and frozen, yours trains alone), or fine-tune SALMONN's LoRA with salmonn-train"
+                )
+            # The same layout continues SALMONN's LoRA: keep its trained values through peft's re-initialisation
+            # (an adapter loaded with `PeftModel.from_pretrained` then overwrites them with its own).
+            self._saved_lora = {
+                f"{name}.{part}": getattr(layer, part)[SALMONN_ADAPTER_NAME].weight.detach().clone()
+                for name, layer in _salmonn_lora_layers(model).items()
+                for part in ("lora_A", "lora_B")
+            }
+        self._added = adapter_name
+        super().__setitem__(adapter_name, config)
+
+    def update(self, other=(), **kwargs) -> None:
+        for name, config in dict(other, **kwargs).items():
+            self[name] = config
+
+    def after_injection(self) -> None:
+        """Restores SALMONN's LoRA values, and keeps it active (and frozen) beside a newly added adapter."""
+        model = self._model_ref[0]
+        layers = _salmonn_lora_layers(model)
+        if self._saved_lora is not None:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    for part in ("lora_A", "lora_B"):
+                        getattr(layer, part)[SALMONN_ADAPTER_NAME].weight.copy_(self._saved_lora[f"{name}.{part}"])
+            self._saved_lora = None
+        if self._added in (None, SALMONN_ADAPTER_NAME):
+            return
+        for layer in layers.values():
+            others = [name for name in layer.active_adapters if name != SALMONN_ADAPTER_NAME]
+            layer._active_adapter = [SALMONN_ADAPTER_NAME, *others]
+        # peft keeps the trainability of what a model already trains (here the Q-Former path and SALMONN's LoRA)
+        # when an adapter is added; the new adapter is to train alone, as on a model without adapters.
+        added = self._added
+        for name, param in model.named_parameters():
+            if f".{added}." not in name and not name.endswith(f".{added}"):
+                param.requires_grad_(False)
+        self._added = None
+
+
+def adapter_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """
+    The fine-tuned tensors in `PeftModel.save_pretrained`'s key format: SALMONN's LoRA (adapter name dropped), the
+    Q-Former path as `modules_to_save`, and the window query under its plain key (loaded into the base model).
+    `state` (default: the model's state dict) may be the full weights read back from a saved folder.
+    """
+    state = model.state_dict() if state is None else state
+    tensors = {}
+    for name in _salmonn_lora_layers(model):
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{PEFT_KEY_PREFIX}{name}.{part}.weight"] = state[f"{name}.{part}.{SALMONN_ADAPTER_NAME}.weight"]
+    prefixes = tuple(f"model.{module}." for module in ADAPTER_MODULES_TO_SAVE)
+    for key, value in state.items():
+        if key.startswith(prefixes) or key == QUERY_TOKENS_KEY:
+            tensors[PEFT_KEY_PREFIX + key] = value
+    return {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+
+
+def save_salmonn_adapter(
+    model, save_directory: str | os.PathLike, base_model: str | None, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """
+    Writes `adapter_config.json` + `adapter_model.safetensors` (+ README.md): `PeftModel.from_pretrained(base,
+    save_directory)` on the base SALMONN (`base_model`) is then this fine-tuned model.
+    """
+    from safetensors.torch import save_file
+
+    from .modelcard_salmonn import adapter_model_card
+
+    if not _salmonn_lora_layers(model):
+        raise ValueError("This SALMONN has no LoRA (it was merged at conversion); it cannot be saved as a PEFT adapter")
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    config = salmonn_lora_config(model, modules_to_save=list(ADAPTER_MODULES_TO_SAVE))
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(save_directory))
+    tmp = save_directory / "adapter_model.safetensors.tmp"
+    save_file(adapter_state_dict(model, state), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, save_directory / "adapter_model.safetensors")
+    adapter_model_card(model.config, base_model).save(save_directory / "README.md")
+    return save_directory
+
+
+# Parts that stay in full precision when the language model is quantized: the encoders, the Q-Former path, the LoRA
+# matrices (tiny, and their scaling must stay adjustable) and the output head. `from_pretrained(quantization_config=)`
+# skips them as `salmonn-infer --quantize` does.
+NOT_QUANTIZED_MODULES = (
+    "model.speech_encoder",
+    "model.beats",
+    "model.ln_speech",
+    "model.ln_audio",
+    "model.speech_qformer",
+    "model.speech_llama_proj",
+    "lm_head",
+    r".*\.lora_A",
+    r".*\.lora_B",
+    r".*\.lora_dropout",
+)
+
+
+def quantize_language_model_only(quantization) -> None:
+    """
+    Adds `NOT_QUANTIZED_MODULES` to the skip list of a `quantization_config` given to `from_pretrained` (quanto's
+    `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`); transformers would otherwise quantize every
+    linear layer, the Whisper, BEATs and Q-Former ones included.
+    """
+    if quantization is None:
+        return
+    is_dict = isinstance(quantization, dict)
+    fields = quantization if is_dict else vars(quantization)
+    name = "llm_int8_skip_modules" if "llm_int8_skip_modules" in fields else "modules_to_not_convert"
+    skip = list(fields.get(name) or [])
+    skip += [module for module in NOT_QUANTIZED_MODULES if module not in skip]
+    if is_dict:
+        quantization[name] = skip
+    else:
+        setattr(quantization, name, skip)

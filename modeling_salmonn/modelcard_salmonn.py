@@ -1,0 +1,251 @@
+"""The one model card writer of SALMONN folders: converted, saved, pushed, trained and adapter folders."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+# Vicuna v1.1 (SALMONN 13B) is a LLaMA 1 fine-tune under LLaMA's non-commercial terms; v1.5 (7B) is a Llama 2 one.
+LLAMA1_TERMS = {
+    "license": "other",
+    "license_name": "llama-license",
+    "license_link": "https://huggingface.co/lmsys/vicuna-13b-v1.1",
+}
+LLAMA2_TERMS = {"license": "llama2"}
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+CARD_TAGS = ["salmonn", "audio", "speech", "audio-language-model", "custom_code"]
+# `models--org--name` folders of the Hugging Face cache name the repo a file was downloaded from.
+_CACHE_REPO = re.compile(r"models--([^/\\]+?)--([^/\\]+)")
+
+CITATION = """```bibtex
+@inproceedings{tang2024salmonn,
+  title     = {{SALMONN}: Towards Generic Hearing Abilities for Large Language Models},
+  author    = {Changli Tang and Wenyi Yu and Guangzhi Sun and Xianzhao Chen and Tian Tan and Wei Li and Lu Lu and Zejun Ma and Chao Zhang},
+  booktitle = {The Twelfth International Conference on Learning Representations},
+  year      = {2024},
+  url       = {https://openreview.net/forum?id=14rn7HpKVk}
+}
+```"""
+
+
+def is_hub_id(name: str | os.PathLike | None) -> bool:
+    """`org/name` that is not a local path: a local folder's name is never taken for a Hub repo."""
+    if not name or os.path.exists(name) or os.path.isabs(name) or str(name).startswith("."):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return False
+    return "/" in str(name)
+
+
+def hub_id_of(source: str | os.PathLike | None) -> str | None:
+    """The Hub repo of `source`: a repo id, or a file or folder inside the Hugging Face cache; None for local paths."""
+    if source is None:
+        return None
+    if is_hub_id(source):
+        return str(source)
+    match = _CACHE_REPO.search(str(Path(source).resolve()) if os.path.exists(source) else str(source))
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def license_for_llm(llm: str | None) -> dict:
+    """The license metadata implied by the LLM: Llama 2 terms for Vicuna v1.5, LLaMA 1 terms otherwise."""
+    name = (llm or "").lower()
+    return dict(LLAMA2_TERMS) if ("v1.5" in name or "llama-2" in name) else dict(LLAMA1_TERMS)
+
+
+def _source_card(name_or_path: str | None):
+    """The card of the folder or (cached) Hub repo a model was loaded from, if there is one on this machine."""
+    if not name_or_path:
+        return None
+    from huggingface_hub import ModelCard
+
+    path = Path(name_or_path) / "README.md"
+    if not path.is_file() and is_hub_id(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name_or_path), "README.md")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return ModelCard.load(path)
+    except Exception:  # a hand-written README without valid metadata gives no metadata
+        return None
+
+
+def salmonn_model_card(
+    config,
+    *,
+    base_models: list[str] | None = None,
+    license: dict | None = None,
+    title: str = "SALMONN (transformers)",
+    intro: str = "",
+    usage: str | None = None,
+    tags: list[str] | None = None,
+    datasets: list[str] | None = None,
+    library_name: str = "transformers",
+):
+    """A `ModelCard` with SALMONN's metadata (license, library, pipeline tag, tags, base models) and description."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    license = dict(license or LLAMA1_TERMS)
+    base_models = [name for name in dict.fromkeys(base_models or []) if is_hub_id(name)]
+    data = ModelCardData(
+        license=license.get("license"),
+        license_name=license.get("license_name"),
+        license_link=license.get("license_link"),
+        library_name=library_name,
+        pipeline_tag="audio-text-to-text",
+        tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
+        base_model=base_models or None,
+        datasets=datasets or None,
+        language=["en"],
+    )
+    lora = (
+        f"LoRA rank {config.lora_rank}, scaling {config.lora_alpha / config.lora_rank:g} (lora_alpha / rank), kept "
+        "separate so that the scaling can change"
+        if config.lora_rank > 0
+        else "LoRA merged into its weights (fixed scaling)"
+    )
+    if usage is None:
+        usage = _model_usage("path/or/repo-id")
+    body = f"""
+# {title}
+
+SALMONN is a large language model that hears speech, audio events and music (Tang et al., *SALMONN: Towards
+Generic Hearing Abilities for Large Language Models*, ICLR 2024, [arXiv:2310.13289](https://arxiv.org/abs/2310.13289)).
+A Whisper encoder and a BEATs encoder run side by side; their frames are concatenated, cut into windows of
+{config.second_per_window:g} s (hop {config.second_stride:g} s), each window is summarised by a Q-Former query,
+projected into the LLM and placed where the prompt says `<SpeechHere>`. The LLM carries {lora}.
+{intro}
+## Usage
+
+{usage}
+
+Each 30 s of audio gives {config.audio_tokens_per_segment} audio tokens; longer audio is encoded as consecutive 30 s
+segments. Several audios can go in one prompt (one `<SpeechHere>` each). The default decode is the original's
+4-beam search; stream text with `TextStreamer` and `num_beams=1`.
+
+## The LoRA scaling knob
+
+Discounting the LoRA scaling at test time (the paper, section 5.2) brings back emergent abilities such as story
+telling: `previous = model.set_lora_scaling(2.0)`; `model.lora_scaling` reads it.
+
+## Limitations
+
+- Trained on English data mostly; other languages are weak. Audio is 16 kHz mono to the model (stereo keeps channel 0).
+- Not trained for multi-turn dialogue; answers degrade after the first turn.
+- Inherits the biases and failure modes of Whisper, BEATs and Vicuna, and can describe content that is not in the audio.
+
+## Citation
+
+{CITATION}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _model_usage(repo: str) -> str:
+    return f"""```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True, dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+inputs = processor(text=processor.format_prompt("Describe the audio."), audio="clip.wav").to(model.device)
+ids = model.generate(**inputs)
+print(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+```"""
+
+
+def saved_model_card(model, repo_id: str | None = None, tags: list[str] | None = None, datasets: list[str] | None = None):
+    """
+    The card of a saved or pushed model. What it was loaded from decides the metadata: a Hub repo is its base model;
+    a local folder passes on its card's license and base models; a model built from a config has none.
+    """
+    source = getattr(model.config, "_name_or_path", "") or ""
+    source_repo = hub_id_of(source)
+    license = dict(LLAMA1_TERMS)
+    base_models: list[str] = [source_repo] if source_repo else []
+    card = _source_card(source)
+    if card is not None:
+        metadata = card.data.to_dict()
+        if metadata.get("license"):
+            license = {name: metadata[name] for name in LICENSE_FIELDS if metadata.get(name)}
+        if not source_repo:
+            inherited = metadata.get("base_model") or []
+            base_models = [inherited] if isinstance(inherited, str) else list(inherited)
+    intro = f"\nThis model derives from [{source_repo}](https://huggingface.co/{source_repo}).\n" if source_repo else ""
+    return salmonn_model_card(
+        model.config,
+        base_models=base_models,
+        license=license,
+        intro=intro,
+        usage=_model_usage(repo_id or "path/or/repo-id"),
+        tags=tags,
+        datasets=datasets,
+    )
+
+
+def adapter_model_card(config, base_model: str | None):
+    """The card of a PEFT adapter written by salmonn-train: it names the base SALMONN it applies to."""
+    base = base_model or "path/to/base-salmonn"
+    license = dict(LLAMA1_TERMS)
+    card = _source_card(base_model)
+    metadata = card.data.to_dict() if card is not None else {}
+    if metadata.get("license"):
+        license = {name: metadata[name] for name in LICENSE_FIELDS if metadata.get(name)}
+    usage = f"""This folder is a PEFT adapter of the base SALMONN `{base}`: SALMONN's LoRA of the language model and, as
+`modules_to_save`, the Q-Former path (window query, Q-Former, `ln_speech`/`ln_audio`, `speech_llama_proj`).
+
+```python
+from peft import PeftModel
+from transformers import AutoModel, AutoProcessor
+
+base = AutoModel.from_pretrained("{base}", trust_remote_code=True)
+model = PeftModel.from_pretrained(base, "path/to/this/adapter")
+processor = AutoProcessor.from_pretrained("{base}", trust_remote_code=True)
+```"""
+    return salmonn_model_card(
+        config,
+        base_models=[base_model] if base_model else None,
+        license=license,
+        title="SALMONN adapter (PEFT)",
+        usage=usage,
+        tags=["peft", "lora"],
+        library_name="peft",
+    )
+
+
+# `save_pretrained(push_to_hub=True, ...)` arguments that describe the upload rather than the files.
+HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+
+
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Creates the repo if needed and uploads the finished folder in one commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        commit_message=commit_message or "Upload SALMONN",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
