@@ -256,33 +256,85 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ output
 
 
+# The keys that make a line one of salmonn-infer's own records: an id and either an answer or an error.
+_RECORD_PREFIX = b'{"id": '
+
+
+def _is_own_record(record) -> bool:
+    return isinstance(record, dict) and "id" in record and ("answer" in record or "error" in record)
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def read_done_ids(path: Path) -> set[str]:
     """
-    Ids already in an output file. A last line cut off by an interruption (no newline, not valid JSON) is removed
-    so that appending goes on cleanly; any other unreadable line is an error.
+    Ids already in an output file. The whole file is checked first: a file that is not salmonn-infer's own output
+    (every line a record with an id and an answer or error) is refused untouched. Only then is a last line cut off
+    by an interruption (no newline, the start of a record that does not parse) removed so that appending goes on cleanly.
     """
     if not path.exists():
         return set()
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a folder; give the path of a .jsonl file")
     data = path.read_bytes()
+    cut = len(data)
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+        if not data[cut:].startswith(_RECORD_PREFIX) or _parses(data[cut:]):
+            raise ValueError(
+                f"--output {str(path)!r} was not written by salmonn-infer (its last line is not a record); it is left "
+                "unchanged: use another file, or --overwrite to replace it"
+            )
     done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    try:
+        text = data[:cut].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--output {str(path)!r} is not a salmonn-infer output (not UTF-8 text); it is left unchanged") from err
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            done.add(str(record["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except json.JSONDecodeError:
+            record = None
+        if not _is_own_record(record):
             raise ValueError(
-                f"--output {str(path)!r} line {number} is not a salmonn-infer record ({err}); use another file or "
-                "--overwrite"
-            ) from err
+                f"--output {str(path)!r} line {number} is not a salmonn-infer record (a JSON object with 'id' and "
+                "'answer' or 'error'); the file is left unchanged: use another file, or --overwrite to replace it"
+            )
+        done.add(str(record["id"]))
+    if cut < len(data):
+        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        with path.open("r+b") as f:
+            f.truncate(cut)
     return done
+
+
+def lock_output(path: Path):
+    """
+    Takes an exclusive lock on `path` (created if missing, its content untouched) for the rest of the run, so that
+    two runs never answer the same items into one file; the lock goes when the process ends. Returns the open file.
+    """
+    import fcntl
+
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a folder; give the path of a .jsonl file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.close()
+        raise ValueError(
+            f"--output {str(path)!r} is in use by another salmonn-infer run; wait for it to finish or use another file"
+        ) from err
+    return handle
 
 
 class JsonlWriter:
@@ -384,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--stream cannot be used with --num-beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
         output = Path(args.output) if args.output else None
+        lock = lock_output(output) if output is not None else None  # noqa: F841 - held until the process ends
         done_ids = set() if output is None or args.overwrite else read_done_ids(output)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2
 

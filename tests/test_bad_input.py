@@ -1,0 +1,250 @@
+"""Hostile and broken input at every entry point (issue #12): nothing lost, nothing silent.
+
+Each test names the case of the issue it pins down. The inputs are made here, small; the assertions are the exact
+behaviour: the file left byte-identical, the named error message, nothing saved, the run refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from tests.utils import tiny_model_and_processor
+
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_model_and_processor()
+    return model.eval(), processor
+
+
+def _tone(seconds: float, rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.3 * np.sin(2 * np.pi * 440 * t)
+
+
+def _wav(path: Path, seconds: float, rate: int = SR, channels: int = 1) -> Path:
+    audio = _tone(seconds, rate)
+    soundfile.write(str(path), np.stack([audio] * channels, axis=1) if channels > 1 else audio, rate, subtype="PCM_16")
+    return path
+
+
+# -- salmonn-infer --output (cases 1, 2, 14) -------------------------------------------------------------------
+
+
+def _infer(tmp_path, output, *extra):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    return main(["--model", str(tmp_path / "no-model"), "--output", str(output), "--no-progress", *extra, str(clip)])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"my notes\nsecond line without a final newline",
+        b'{"id": "a", "audio": "a.wav", "prompt": "x"}\n{"id": "b", "audio": "b.wav"}\n',
+        b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok"}\n{"id": "b", "audio": "b.wav"}',
+        b"\xff\xfe binary",
+    ],
+    ids=["notes", "manifest", "record-then-manifest-line", "binary"],
+)
+def test_case1_output_not_written_by_infer_is_refused_untouched(tmp_path, caplog, content):
+    output = tmp_path / "notes.jsonl"
+    output.write_bytes(content)
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert output.read_bytes() == content
+    assert "left unchanged" in caplog.text and str(output) in caplog.text
+
+
+def test_case1_only_a_cut_record_is_dropped_from_own_output(tmp_path):
+    from salmonn.inference.infer import read_done_ids
+
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok", "seconds": 1.0}\n{"id": "b", "aud')
+    assert read_done_ids(output) == {"a"}
+    assert output.read_bytes() == b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok", "seconds": 1.0}\n'
+
+
+def test_case2_a_second_run_on_the_same_output_is_refused(tmp_path, caplog):
+    from salmonn.inference.infer import lock_output
+
+    output = tmp_path / "out.jsonl"
+    content = b'{"id": "a", "audio": "a.wav", "prompt": "x", "error": "bad"}\n'
+    output.write_bytes(content)
+    held = lock_output(output)  # the first run, still working
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert _infer(tmp_path, output) == 2
+        assert "is in use by another salmonn-infer run" in caplog.text
+        assert output.read_bytes() == content
+    finally:
+        held.close()
+    caplog.clear()
+    # Once the first run has ended, the lock is free again (the run then fails later, on the missing model).
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert "in use" not in caplog.text and "Cannot load --model" in caplog.text
+    assert output.read_bytes() == content
+
+
+def test_case14_output_that_is_a_folder_is_a_clear_error(tmp_path, caplog):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, folder) == 2
+    assert f"--output {str(folder)!r} is a folder; give the path of a .jsonl file" in caplog.text
+    assert list(folder.iterdir()) == []
+
+
+# -- processor and feature extractor (cases 5, 6, 16, 20) -------------------------------------------------------
+
+
+def test_case5_absurd_amplitude_is_refused_naming_the_item(tiny, tmp_path):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    with pytest.raises(ValueError, match=r"audio\[0\]: the audio's largest sample is 3e\+29"):
+        processor(text=processor.format_prompt("Describe."), audio=_tone(1.0) * 1e30, sampling_rate=SR)
+    with pytest.raises(ValueError, match=r"item 'loud': the audio's largest sample is 3e\+29"):
+        prepare_item(processor, {"id": "loud", "audio": _tone(1.0) * 1e30, "sampling_rate": SR, "prompt": "Describe."})
+    # A float waveform at int16 scale is still accepted (and gives finite features).
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0) * 32767, sampling_rate=SR)
+    assert torch.isfinite(inputs["input_features"]).all() and torch.isfinite(inputs["input_values"]).all()
+
+
+def test_case6_user_text_never_becomes_audio_placeholders(tiny):
+    _, processor = tiny
+    audio_id = processor.audio_token_id
+    per_segment = processor.audio_tokens_per_segment
+    prompt = processor.format_prompt("What does <audio> mean? <audio><audio>")
+    inputs = processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="It says <audio>.")
+    ids = inputs["input_ids"][0]
+    assert int((ids == audio_id).sum()) == per_segment  # exactly one segment's placeholders, from the real audio
+    placeholders = (ids == audio_id).nonzero().flatten()
+    assert placeholders.tolist() == list(range(int(placeholders[0]), int(placeholders[0]) + per_segment))
+    assert "<audio>" in processor.decode(ids[placeholders[-1] + 1 :], skip_special_tokens=False)
+    assert int((processor(text="USER: <audio>\nASSISTANT:")["input_ids"] == audio_id).sum()) == 0
+    # Text without the literal is tokenized exactly as the tokenizer does it.
+    plain = processor(text="USER: hello </s> there")["input_ids"][0].tolist()
+    assert plain == [processor.tokenizer.bos_token_id] + processor.tokenizer("USER: hello </s> there", add_special_tokens=False)["input_ids"]
+
+
+def test_case16_zero_chunk_length_is_a_clear_error(tmp_path):
+    from modeling_salmonn.feature_extraction_salmonn import SalmonnFeatureExtractor
+
+    with pytest.raises(ValueError, match=r"`chunk_length` must be a positive integer, got 0"):
+        SalmonnFeatureExtractor(chunk_length=0)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({**SalmonnFeatureExtractor().to_dict(), "chunk_length": 0, "hop_length": 160})
+    )
+    with pytest.raises(ValueError, match=r"`chunk_length` must be a positive integer, got 0"):
+        SalmonnFeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_case20_paths_that_are_not_files_are_named(tiny, tmp_path):
+    _, processor = tiny
+    prompt = processor.format_prompt("Describe.")
+    with pytest.raises(ValueError, match=r"audio\[0\]: 'a' does not exist; give an audio file path"):
+        processor(text=prompt, audio=["a", "b"])
+    with pytest.raises(ValueError, match=r"audio\[0\]: '.*' is a folder"):
+        processor(text=prompt, audio=str(tmp_path))
+
+
+# -- audio files: length from the header, folders and devices (cases 8, 18) ---------------------------------------
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails any full decode; records the `frames` of partial reads."""
+    reads = []
+    real_read = soundfile.read
+
+    def read(file, frames=-1, *args, **kwargs):
+        if frames < 0:
+            raise AssertionError(f"{file} was decoded whole")
+        reads.append(frames)
+        return real_read(file, frames, *args, **kwargs)
+
+    monkeypatch.setattr(soundfile, "read", read)
+    return reads
+
+
+def test_case8_too_long_file_is_refused_from_its_header(tiny, tmp_path, monkeypatch, no_decoding):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    monkeypatch.setattr(processor.feature_extractor, "max_audio_seconds", 2.0)
+    path = _wav(tmp_path / "long.wav", 3.0, rate=48000, channels=2)
+    with pytest.raises(ValueError, match=r"audio\[0\] \(.*long\.wav'\): the audio is 3\.00 s long, longer than max_audio_seconds=2\.0"):
+        processor(text=processor.format_prompt("Describe."), audio=str(path))
+    with pytest.raises(ValueError, match=r"item 'x': the audio is 3\.00 s long, longer than max_audio_seconds=2\.0"):
+        prepare_item(processor, {"id": "x", "audio": str(path), "prompt": "Describe."})
+    assert no_decoding == []
+
+
+def test_case8_truncation_reads_only_the_first_31_seconds(tiny, tmp_path, no_decoding):
+    _, processor = tiny
+    path = _wav(tmp_path / "long.wav", 40.0, rate=8000)
+    inputs = processor(text=processor.format_prompt("Describe."), audio=str(path), truncation=True)
+    assert no_decoding == [31 * 8000]
+    assert inputs["input_features"].shape[0] == 1
+
+
+def test_case8_web_upload_size_is_limited(monkeypatch, tmp_path):
+    import gradio
+
+    from salmonn.inference import web
+
+    launched = {}
+    fake_model = type("FakeModel", (), {"device": torch.device("cpu"), "dtype": torch.float32})()
+    monkeypatch.setattr(web, "load_model_and_processor", lambda *a, **k: (fake_model, None))
+    monkeypatch.setattr(web, "build_demo", lambda *a, **k: gradio.Blocks())
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    assert web.main(["--model", "m", "--device", "cpu"]) == 0
+    assert launched["max_file_size"] == "50mb"
+    assert web.main(["--model", "m", "--device", "cpu", "--max_file_size", "5mb"]) == 0
+    assert launched["max_file_size"] == "5mb"
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_case18_folder_or_device_is_named_for_what_it_is(tiny, tmp_path, kind):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    path = tmp_path if kind == "folder" else Path("/dev/null")
+    expected = "is a folder, not an audio file" if kind == "folder" else "is not a regular file (a device, pipe or socket)"
+    with pytest.raises(ValueError, match=rf"item 'x': '{path}' {expected}".replace("(", r"\(").replace(")", r"\)")):
+        prepare_item(processor, {"id": "x", "audio": str(path), "prompt": "Describe."})
+
+
+# -- salmonn-web messages (case 21) ------------------------------------------------------------------------------
+
+
+def test_case21_web_errors_hide_upload_paths_and_python_advice(tiny, tmp_path, monkeypatch):
+    from salmonn.inference.web import web_error_message
+
+    _, processor = tiny
+    monkeypatch.setattr(processor.feature_extractor, "max_audio_seconds", 2.0)
+    upload = tmp_path / "gradio" / "9f2c1e"
+    upload.mkdir(parents=True)
+    path = str(_wav(upload / "clip.wav", 3.0))
+    with pytest.raises(ValueError) as caught:
+        processor(text=processor.format_prompt("Describe."), audio=path)
+    message = web_error_message(caught.value, path)
+    assert str(tmp_path) not in message and "truncation=True" not in message
+    assert message == (
+        "audio[0] ('clip.wav'): the audio is 3.00 s long, longer than max_audio_seconds=2.0 s; upload a shorter clip "
+        "(cut it to its first 30 s, for example)"
+    )
