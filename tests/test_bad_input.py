@@ -248,3 +248,133 @@ def test_case21_web_errors_hide_upload_paths_and_python_advice(tiny, tmp_path, m
         "audio[0] ('clip.wav'): the audio is 3.00 s long, longer than max_audio_seconds=2.0 s; upload a shorter clip "
         "(cut it to its first 30 s, for example)"
     )
+
+
+# -- training (cases 3, 10, 11) ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
+    from tests.utils import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    classes = [c for c in SOUND_CLASSES if c.kind != "speech"]
+    return {"base": save_tiny_checkpoint(root / "base"), "manifest": write_dataset(root / "data", 2, classes, seed=0)}
+
+
+def _train_args(setup, out, *extra):
+    return [
+        "--stage", "pretrain", "--model_name_or_path", str(setup["base"]), "--train_file", str(setup["manifest"]),
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "0",
+        "--dataloader_num_workers", "0", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", *extra,
+    ]
+
+
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "inf"), ("--learning_rate", "nan"), ("--min_lr", "inf")])
+def test_case3_non_finite_learning_rate_is_refused(train_setup, tmp_path, capsys, flag, value):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", flag, value)) == 2
+    assert f"{flag} must be a finite number >= 0, got {value}" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_case3_non_finite_gradient_stops_training_and_saves_nothing(train_setup, tmp_path, capsys, monkeypatch):
+    from salmonn.training.collator import SalmonnDataCollator
+    from salmonn.training.train import main
+
+    collate = SalmonnDataCollator.__call__
+
+    def poisoned(self, features):  # what a clip of huge samples did before the data checks: NaN features
+        batch = collate(self, features)
+        batch["input_features"] = batch["input_features"] * float("nan")
+        return batch
+
+    monkeypatch.setattr(SalmonnDataCollator, "__call__", poisoned)
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "step 1: the gradient norm is nan (batch ids [" in err and "training stopped before this update" in err
+    assert not (out / "model.safetensors").exists()
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_case3_non_finite_weights_are_never_saved(tiny, tmp_path):
+    from transformers import TrainingArguments
+
+    from salmonn.training.trainer import NonFiniteTrainingError, SalmonnTrainer
+
+    model, processor = tiny_model_and_processor()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = SalmonnTrainer(model=model, args=args, processing_class=processor)
+    with pytest.raises(NonFiniteTrainingError, match=r"trainable weight\(s\) hold NaN or inf"):
+        trainer.save_model()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _float_wav(path: Path, audio: np.ndarray) -> Path:
+    soundfile.write(str(path), audio.astype(np.float32), SR, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("bad", ["nan", "huge"])
+def test_case10_bad_samples_in_training_data_name_the_file(tmp_path, caplog, bad):
+    from salmonn.training.data import SalmonnTrainDataset, load_manifest
+    from salmonn.training.prompts import PromptPool
+
+    audio = _tone(1.0)
+    if bad == "nan":
+        audio[100] = np.nan
+    else:
+        audio = audio * 1e30
+    good = _float_wav(tmp_path / "good.wav", _tone(1.0))
+    broken = _float_wav(tmp_path / "broken.wav", audio)
+    manifest = tmp_path / "train.json"
+    manifest.write_text(json.dumps({"annotation": [
+        {"path": str(good), "text": "a tone", "task": "audiocaption"},
+        {"path": str(broken), "text": "a tone", "task": "audiocaption"},
+    ]}))
+    items = load_manifest(manifest)
+    dataset = SalmonnTrainDataset(items, PromptPool(), name="train")
+    assert dataset[0] is not None
+    with caplog.at_level(logging.WARNING):
+        assert dataset[1] is None  # skipped, like a missing file, and said so
+    expected = "non-finite sample(s)" if bad == "nan" else "samples up to 3e+29"
+    assert f"train: item 1 skipped at load time: Audio {str(broken)!r}" in caplog.text and expected in caplog.text
+    strict = SalmonnTrainDataset(items, PromptPool(), name="train", strict=True)
+    with pytest.raises(ValueError, match=rf"train: item 1: Audio '{broken}' .*{'non-finite' if bad == 'nan' else 'samples up to'}"):
+        strict[1]
+
+
+def test_case11_resume_last_skips_incomplete_checkpoints(tmp_path, caplog):
+    from salmonn.training.train import last_complete_checkpoint
+
+    out = tmp_path / "out"
+    complete = out / "checkpoint-2"
+    complete.mkdir(parents=True)
+    (complete / "trainer_state.json").write_text("{}")
+    (complete / "model.safetensors").write_bytes(b"x")
+    (out / "checkpoint-4").mkdir()  # killed while saving: empty
+    half = out / "checkpoint-3"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"x")  # weights, but no trainer state yet
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(str(out)) == str(complete)
+    assert f"Skipping {out / 'checkpoint-4'}: incomplete checkpoint (no trainer_state.json)" in caplog.text
+    assert f"Skipping {half}: incomplete checkpoint (no trainer_state.json)" in caplog.text
+    assert last_complete_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--save_steps", "1")) == 0
+    (out / "checkpoint-2").mkdir()  # a kill during the next save
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "last")) == 0
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
