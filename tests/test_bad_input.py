@@ -378,3 +378,106 @@ def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, 
     assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "last")) == 0
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+# -- salmonn-convert (cases 4, 13, 17) ----------------------------------------------------------------------------
+
+
+def _convert_args(output, checkpoint=None):
+    from tests.utils import FIXTURE_A
+
+    return [
+        "--salmonn-checkpoint", str(checkpoint or FIXTURE_A / "salmonn.pth"), "--whisper", str(FIXTURE_A / "whisper"),
+        "--beats", str(FIXTURE_A / "beats.pt"), "--llm", str(FIXTURE_A / "llm"), "--output", str(output),
+        "--qformer-num-attention-heads", "4", "--verify", "structure",
+    ]
+
+
+def _edited_checkpoint(tmp_path, edit) -> Path:
+    from tests.utils import FIXTURE_A
+
+    checkpoint = torch.load(FIXTURE_A / "salmonn.pth", weights_only=True)
+    edit(checkpoint)
+    path = tmp_path / "edited.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _convert_fails(tmp_path, caplog, checkpoint=None) -> str:
+    from salmonn.conversion.convert_salmonn import main
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with caplog.at_level(logging.ERROR):
+        assert main(_convert_args(tmp_path / "out", checkpoint)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no hidden temporary folder
+    return caplog.text
+
+
+def test_case4_integer_weights_are_an_error_naming_the_key(tmp_path, caplog):
+    def to_int(checkpoint):
+        key = "speech_llama_proj.weight"
+        checkpoint["model"][key] = checkpoint["model"][key].to(torch.int64)
+
+    text = _convert_fails(tmp_path, caplog, _edited_checkpoint(tmp_path, to_int))
+    assert "Weights that must be floating point are not: ['model.speech_llama_proj.weight (torch.int64)']" in text
+
+
+def test_case17_bad_config_value_and_random_bytes_name_the_file(tmp_path, caplog):
+    def bad_alpha(checkpoint):
+        checkpoint.setdefault("config", {}).setdefault("model", {})["lora_alpha"] = "abc"
+
+    path = _edited_checkpoint(tmp_path, bad_alpha)
+    assert f"{path}: `config.model.lora_alpha` must be a number, got 'abc'" in _convert_fails(tmp_path, caplog, path)
+    caplog.clear()
+    garbage = tmp_path / "garbage.pth"
+    for seed in (0, 17, 54, 62):  # UnpicklingError, IndexError, UnicodeDecodeError, KeyError inside torch.load
+        garbage.write_bytes(np.random.default_rng(seed).bytes(4096))
+        assert f"SALMONN checkpoint {garbage} is not a torch checkpoint" in _convert_fails(tmp_path, caplog, garbage)
+        caplog.clear()
+
+
+@pytest.mark.parametrize("where", ["full-disk", "read-only"])
+def test_case13_unwritable_output_is_a_clear_error_and_leaves_nothing(tmp_path, caplog, monkeypatch, where):
+    import errno
+    import tempfile
+
+    import salmonn.conversion.convert_salmonn as convert
+    import salmonn.conversion.io_utils as io_utils
+
+    if where == "full-disk":
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(convert, "write_safetensors_streaming", fail)
+        reason = "No space left on device"
+    else:
+        def fail(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(io_utils.tempfile, "mkdtemp", fail)
+        reason = "Read-only file system"
+    text = _convert_fails(tmp_path, caplog)
+    assert f"Cannot write the output folder {tmp_path / 'out'}: {reason}" in text
+    assert "Traceback" not in text
+
+
+def test_case13_rerun_removes_the_leftovers_of_a_killed_conversion(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from salmonn.conversion.convert_salmonn import main
+    from salmonn.conversion.io_utils import MARKER
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / ".out.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / MARKER).write_text(dead.stdout.strip())
+    (stale / "model.safetensors").write_bytes(b"complete-looking")
+    foreign = tmp_path / ".out.tmp-mine"  # a look-alike this tool did not write: left alone
+    foreign.mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert main(_convert_args(tmp_path / "out")) == 0
+    assert not stale.exists() and foreign.is_dir()
+    assert f"Removing {stale}, left by an interrupted run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-mine", "out"]
+    assert not (tmp_path / "out" / MARKER).exists()
