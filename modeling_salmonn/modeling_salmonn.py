@@ -269,6 +269,17 @@ class SalmonnModel(SalmonnPreTrainedModel):
             )
         return special_audio_mask
 
+    def _check_ids_in_vocabulary(self, input_ids: torch.LongTensor, is_audio: torch.BoolTensor) -> None:
+        """Ids past the vocabulary that are not the placeholder mean the tokenizer and the config disagree."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        outside = ((input_ids >= vocab_size) | (input_ids < 0)) & ~is_audio
+        if bool(outside.any()):
+            raise ValueError(
+                f"`input_ids` holds id {int(input_ids[outside][0])}, outside the language model's vocabulary of "
+                f"{vocab_size}, which is not the audio placeholder (config.audio_token_index="
+                f"{self.config.audio_token_index}): the processor's tokenizer and the model's config disagree"
+            )
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -278,6 +289,8 @@ class SalmonnModel(SalmonnPreTrainedModel):
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """Token embeddings with the audio embeddings written over the audio placeholders, in order."""
         is_audio = input_ids == self.config.audio_token_index
+        if input_features is not None:
+            self._check_ids_in_vocabulary(input_ids, is_audio)
         # The placeholder id lies outside the vocabulary on purpose; look up a harmless id instead.
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_audio, 0))
         audio_features = None

@@ -481,3 +481,60 @@ def test_case13_rerun_removes_the_leftovers_of_a_killed_conversion(tmp_path, cap
     assert f"Removing {stale}, left by an interrupted run" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-mine", "out"]
     assert not (tmp_path / "out" / MARKER).exists()
+
+
+# -- loading a saved folder (cases 7, 12, 15) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tests.utils import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("saved") / "tiny")
+
+
+def _edited_copy(saved: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_case7_missing_sub_config_is_an_error_before_building_anything(saved, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModel
+
+    from modeling_salmonn.configuration_salmonn import SalmonnConfig
+
+    folder = _edited_copy(saved, tmp_path, lambda c: c.pop("text_config"))
+    expected = r"This SALMONN config.json has no `text_config`: a saved SALMONN folder must describe all of"
+    with pytest.raises(ValueError, match=expected):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: built.append(self))
+    with pytest.raises(ValueError, match=expected):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert built == []  # refused before a single module was made
+    monkeypatch.undo()
+    both = _edited_copy(saved, tmp_path / "2", lambda c: (c.pop("text_config"), c.pop("beats_config")))
+    with pytest.raises(ValueError, match=r"has no `beats_config`, `text_config`"):
+        SalmonnConfig.from_pretrained(both)
+    assert SalmonnConfig().text_config.hidden_size == 5120  # a default config built in Python still works
+
+
+def test_case15_audio_token_index_is_validated(saved, tmp_path, tiny):
+    from transformers import AutoModel
+
+    from modeling_salmonn.configuration_salmonn import SalmonnConfig
+
+    with pytest.raises(ValueError, match=r"`audio_token_index` must be an integer id outside the language model's vocabulary \(>= its vocab_size 401.*got 0"):
+        SalmonnConfig.from_pretrained(_edited_copy(saved, tmp_path, lambda c: c.update(audio_token_index=0)))
+    # 99999 is outside the vocabulary but not the tokenizer's <audio> id: the forward names the disagreement.
+    model = AutoModel.from_pretrained(_edited_copy(saved, tmp_path / "2", lambda c: c.update(audio_token_index=99999)), trust_remote_code=True)
+    _, processor = tiny
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    with pytest.raises(ValueError, match=r"`input_ids` holds id 401, outside the language model's vocabulary of 401, which is not the audio placeholder \(config.audio_token_index=99999\)"):
+        model(**inputs)
