@@ -15,9 +15,13 @@ from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, Generat
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import logging
 
 from .configuration_salmonn import SalmonnConfig
 from .modeling_beats import BeatsModel
+
+
+logger = logging.get_logger(__name__)
 
 
 # The flat module files that make a saved folder loadable with `trust_remote_code=True`.
@@ -358,6 +362,24 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         model._freeze_pretrained_parts()
         return model
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # Runs once the weights are loaded: a corrupt checkpoint with NaN/inf weights would otherwise answer '' silently.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        self._warn_non_finite_weights()
+
+    def _warn_non_finite_weights(self) -> list[str]:
+        bad = [
+            name
+            for name, tensor in self.state_dict().items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
+        ]
+        if bad:
+            logger.warning(
+                f"{len(bad)} loaded weight tensor(s) hold NaN or inf values: {bad[:10]}; the checkpoint is corrupt and "
+                "its answers will be meaningless (often empty)"
+            )
+        return bad
+
     # -- parameters -------------------------------------------------------------------------------------------
 
     def _freeze_pretrained_parts(self) -> None:
@@ -485,6 +507,34 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             audio_hidden_states=outputs.audio_hidden_states,
         )
 
+    def _fit_context(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """
+        A prompt that does not fit the language model's context is an error; an answer that would run past it is
+        cut at the context's end (with a warning) instead of going on at positions the model was never trained on.
+        """
+        limit = self.config.text_config.max_position_embeddings
+        if prompt is None or not limit:
+            return
+        length = prompt.shape[1]
+        if length >= limit:
+            raise ValueError(
+                f"The prompt is {length} positions long (audio placeholders included: "
+                f"{self.config.audio_tokens_per_segment} per 30 s of audio), but the language model's context is "
+                f"{limit}; shorten the text or the audio"
+            )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is None:
+            max_length = kwargs.get("max_length", generation_config.max_length)
+            if max_length is None or max_length > limit:
+                kwargs["max_length"] = limit
+        elif length + max_new_tokens > limit:
+            logger.warning(
+                f"The prompt takes {length} of the language model's {limit} positions: the answer is cut at "
+                f"{limit - length} new tokens instead of max_new_tokens={max_new_tokens}"
+            )
+            kwargs["max_new_tokens"] = limit - length
+
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """
         `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
@@ -493,6 +543,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
+        self._fit_context(input_ids if input_ids is not None else kwargs.get("inputs_embeds"), kwargs)
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
         if audio["input_features"] is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:

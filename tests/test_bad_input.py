@@ -538,3 +538,47 @@ def test_case15_audio_token_index_is_validated(saved, tmp_path, tiny):
     inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
     with pytest.raises(ValueError, match=r"`input_ids` holds id 401, outside the language model's vocabulary of 401, which is not the audio placeholder \(config.audio_token_index=99999\)"):
         model(**inputs)
+
+
+def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    folder = tmp_path / "nan"
+    shutil.copytree(saved, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.speech_llama_proj.weight"][0, 0] = float("nan")
+    weights["lm_head.weight"][3, 1] = float("inf")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        SalmonnForConditionalGeneration.from_pretrained(folder)
+    assert (
+        "2 loaded weight tensor(s) hold NaN or inf values: ['model.speech_llama_proj.weight', 'lm_head.weight']"
+        in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        SalmonnForConditionalGeneration.from_pretrained(saved)
+    assert "NaN or inf" not in caplog.text
+
+
+# -- generation (case 9) -----------------------------------------------------------------------------------------
+
+
+def test_case9_prompt_longer_than_the_context_is_refused_and_answers_stop_at_its_end(tiny, caplog):
+    model, processor = tiny
+    limit = model.config.text_config.max_position_embeddings
+    generator = torch.Generator().manual_seed(0)
+    too_long = torch.randint(3, 300, (1, limit + 5), generator=generator)
+    with pytest.raises(ValueError, match=rf"The prompt is {limit + 5} positions long .* but the language model's context is {limit}"):
+        model.generate(too_long, max_new_tokens=4)
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    ids = torch.cat([inputs["input_ids"][:, :1], torch.randint(3, 300, (1, limit - 6 - inputs["input_ids"].shape[1]), generator=generator), inputs["input_ids"][:, 1:]], dim=1)
+    near_end = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(**near_end, max_new_tokens=50, num_beams=1, do_sample=False, eos_token_id=None)
+    assert out.shape[1] - ids.shape[1] == 6 and ids.shape[1] + 6 == limit
+    assert "the answer is cut at 6 new tokens instead of max_new_tokens=50" in caplog.text
