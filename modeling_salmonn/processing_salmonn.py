@@ -126,7 +126,7 @@ class SalmonnProcessor(ProcessorMixin):
             try:
                 info = soundfile.info(audio)
             except Exception as err:
-                raise ValueError(f"{name}: cannot read audio file {audio!r}: {err}") from err
+                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
             frames = -1
             if truncation:
                 frames = int(math.ceil((self.feature_extractor.chunk_length + 1) * info.samplerate))
@@ -135,7 +135,7 @@ class SalmonnProcessor(ProcessorMixin):
             try:
                 data, file_rate = soundfile.read(audio, frames=frames, dtype="float64")
             except Exception as err:
-                raise ValueError(f"{name}: cannot read audio file {audio!r}: {err}") from err
+                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
             return data, file_rate
         return audio, sampling_rate
 
@@ -144,8 +144,12 @@ class SalmonnProcessor(ProcessorMixin):
         """Paths that are not audio files are named before anything else is checked."""
         for k, item in enumerate(audios):
             if isinstance(item, str) and not os.path.isfile(item):
-                what = "is a folder" if os.path.isdir(item) else "does not exist" if not os.path.exists(item) else "is not a regular file"
-                raise ValueError(f"audio[{k}]: {item!r} {what}; give an audio file path, an array or a tensor")
+                what = "is a folder" if os.path.isdir(item) else "is not a regular file"
+                if not os.path.exists(item):
+                    what = "does not exist"
+                raise ValueError(
+                    f"Cannot read audio file {item!r} (audio[{k}]): it {what}; give an audio file, an array or a tensor"
+                )
 
     def __call__(
         self,

@@ -156,9 +156,9 @@ def test_case16_zero_chunk_length_is_a_clear_error(tmp_path):
 def test_case20_paths_that_are_not_files_are_named(tiny, tmp_path):
     _, processor = tiny
     prompt = processor.format_prompt("Describe.")
-    with pytest.raises(ValueError, match=r"audio\[0\]: 'a' does not exist; give an audio file path"):
+    with pytest.raises(ValueError, match=r"Cannot read audio file 'a' \(audio\[0\]\): it does not exist; give an audio file"):
         processor(text=prompt, audio=["a", "b"])
-    with pytest.raises(ValueError, match=r"audio\[0\]: '.*' is a folder"):
+    with pytest.raises(ValueError, match=r"Cannot read audio file '.*' \(audio\[0\]\): it is a folder"):
         processor(text=prompt, audio=str(tmp_path))
 
 
@@ -582,3 +582,33 @@ def test_case9_prompt_longer_than_the_context_is_refused_and_answers_stop_at_its
         out = model.generate(**near_end, max_new_tokens=50, num_beams=1, do_sample=False, eos_token_id=None)
     assert out.shape[1] - ids.shape[1] == 6 and ids.shape[1] + 6 == limit
     assert "the answer is cut at 6 new tokens instead of max_new_tokens=50" in caplog.text
+
+
+# -- offloading (case 23) ----------------------------------------------------------------------------------------
+
+
+def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path, tiny):
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    _, processor = tiny
+    model = SalmonnForConditionalGeneration.from_pretrained(saved).eval()
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.5), sampling_rate=SR)
+    settings = [dict(num_beams=1, do_sample=False), dict(num_beams=4, do_sample=False)]
+    expected = [model.generate(**inputs, max_new_tokens=6, **setting) for setting in settings]
+    modules = [f"model.{name}" for name, _ in model.model.named_children()] + ["lm_head"]
+    assert "model.beats" in modules and "model.speech_encoder" in modules
+    # Each module on disk in turn (its weights stay on "meta" until its hook loads them), then all of them at once.
+    maps = [{**{name: "cpu" for name in modules}, offloaded: "disk"} for offloaded in modules]
+    maps.append({name: "disk" for name in modules})
+    for device_map in maps:
+        device_map["model.speech_query_tokens"] = "cpu"  # a bare parameter of SalmonnModel, not a module
+    for k, device_map in enumerate(maps):
+        loaded = SalmonnForConditionalGeneration.from_pretrained(
+            saved, device_map=device_map, offload_folder=str(tmp_path / f"offload-{k}")
+        ).eval()
+        assert loaded.model.beats.encoder.relative_attention_bias.weight.device.type == (
+            "meta" if device_map["model.beats"] == "disk" else "cpu"
+        )
+        for setting, want in zip(settings, expected):
+            got = loaded.generate(**inputs, max_new_tokens=6, **setting)
+            assert torch.equal(got, want), (device_map, setting)
