@@ -146,7 +146,7 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
     rows: list[tuple[int, dict]] = []
     try:
         if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:
                 for number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
@@ -158,7 +158,7 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
                         raise ValueError(f"manifest {str(path)!r} line {number}: expected a JSON object, got {row!r}")
                     rows.append((number, row))
         else:
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets start CSV with a byte-order mark
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or "audio" not in reader.fieldnames:
                     raise ValueError(f"manifest {str(path)!r}: the CSV header must have an 'audio' column, got {reader.fieldnames}")

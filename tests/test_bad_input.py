@@ -162,6 +162,25 @@ def test_case20_paths_that_are_not_files_are_named(tiny, tmp_path):
         processor(text=prompt, audio=str(tmp_path))
 
 
+# -- manifests written by spreadsheets (case 19) ---------------------------------------------------------------
+
+
+def test_case19_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from salmonn.evaluation.evaluate import _read_rows
+    from salmonn.inference.infer import expand_inputs
+    from salmonn.training.data import load_manifest
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    manifest = tmp_path / "sheet.csv"
+    manifest.write_bytes("\ufeffaudio,prompt,id\nclip.wav,Describe it.,c1\n".encode("utf-8"))
+    assert expand_inputs([str(manifest)], "default") == [{"id": "c1", "audio": str(clip), "prompt": "Describe it."}]
+    assert _read_rows(manifest) == [{"audio": "clip.wav", "prompt": "Describe it.", "id": "c1"}]
+    train = tmp_path / "train.csv"
+    train.write_bytes("\ufeffpath,text,task\nclip.wav,a tone,audiocaption\n".encode("utf-8"))
+    (item,) = load_manifest(train)
+    assert item["path"] == str(clip) and item["text"] == "a tone" and item["task"] == "audiocaption"
+
+
 # -- audio files: length from the header, folders and devices (cases 8, 18) ---------------------------------------
 
 

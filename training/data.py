@@ -191,7 +191,7 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):
                 if "annotation" not in data:
                     raise ValueError(f"Data file {str(path)!r}: expected {{\"annotation\": [...]}} or a JSON list of items")
@@ -201,14 +201,14 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
             records = data
         elif suffix == ".jsonl":
             records = []
-            for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
         elif suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
                 if reader.fieldnames is None or not ({"path", "audio"} & set(reader.fieldnames)):
                     raise ValueError(f"Data file {str(path)!r}: the header needs a `path` column, got {reader.fieldnames}")
