@@ -256,11 +256,13 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ output
 
 
-# The keys that make a line one of salmonn-infer's own records: an id and either an answer or an error.
+# How every record line starts (json.dumps of a dict whose first key is "id"): a cut-off last line is only dropped
+# when it starts so.
 _RECORD_PREFIX = b'{"id": '
 
 
 def _is_own_record(record) -> bool:
+    """salmonn-infer's records: a JSON object with an id and either an answer or an error."""
     return isinstance(record, dict) and "id" in record and ("answer" in record or "error" in record)
 
 
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--stream cannot be used with --num-beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
         output = Path(args.output) if args.output else None
-        lock = lock_output(output) if output is not None else None  # noqa: F841 - held until the process ends
+        output_lock = lock_output(output) if output is not None else None  # held until the run ends
         done_ids = set() if output is None or args.overwrite else read_done_ids(output)
     except (ValueError, OSError) as err:
         logger.error("%s", err)
@@ -485,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         writer.close()
+        if output_lock is not None:
+            output_lock.close()
     elapsed = time.perf_counter() - start
     logger.info(
         "%d answered, %d errors, %d skipped in %.1f s%s",

@@ -143,11 +143,11 @@ class SalmonnTrainer(Trainer):
     # -- non-finite values -------------------------------------------------------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # Checked before the optimizer step, so a NaN/inf gradient never reaches the weights. With fp16 loss
-        # scaling, inf gradients are part of the normal scale search (the step is skipped), so they pass.
+        # Checked before the optimizer step, so a NaN/inf gradient never reaches the weights (one host sync per
+        # step). With fp16 loss scaling, inf gradients are part of the normal scale search (the step is skipped).
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(grad_norm) if grad_norm is not None else 0.0
-        if not math.isfinite(value) and getattr(self.accelerator, "scaler", None) is None:
+        if not math.isfinite(value) and not self.args.fp16:
             batch = f" (batch ids {self._last_batch_ids})" if self._last_batch_ids else ""
             raise NonFiniteTrainingError(
                 f"step {self.state.global_step + 1}: the gradient norm is {value}{batch}; training stopped before "
