@@ -252,6 +252,19 @@ def _qformer_layers(mapped: dict[str, torch.Tensor]) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _number(value, where: str) -> float:
+    """A finite number from the checkpoint's own config, or an error naming the file and the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return number
+
+
 def build_config(
     args: ConvertArguments,
     mapped: dict[str, torch.Tensor],
@@ -271,11 +284,12 @@ def build_config(
             raise ValueError(f"{ckpt}: missing tensor for {key}")
         return mapped[key]
 
-    def setting(name: str, config_name: str | None = None):
-        value = getattr(args, name)
+    def setting(name: str, config_name: str | None = None) -> float:
+        value = getattr(args, name, None)
         if value is not None:
             return value
-        return checkpoint_config.get(config_name or name, ORIGINAL_DEFAULTS.get(name))
+        value = checkpoint_config.get(config_name or name, ORIGINAL_DEFAULTS.get(name))
+        return _number(value, f"{ckpt}: `config.model.{config_name or name}`")
 
     query = require("model.speech_query_tokens")
     hidden = query.shape[-1]
@@ -336,11 +350,11 @@ def build_config(
         ),
         text_config=text,
         num_query_tokens=query.shape[1],
-        second_per_window=float(setting("second_per_window")),
-        second_stride=float(setting("second_stride")),
+        second_per_window=setting("second_per_window"),
+        second_stride=setting("second_stride"),
         lora_rank=0 if args.merge_lora else rank,
-        lora_alpha=float(setting("lora_alpha")),
-        lora_dropout=float(checkpoint_config.get("lora_dropout", ORIGINAL_DEFAULTS["lora_dropout"])),
+        lora_alpha=setting("lora_alpha"),
+        lora_dropout=setting("lora_dropout"),
         lora_target_modules=targets,
         audio_token_index=audio_token_index,
         architectures=["SalmonnForConditionalGeneration"],
@@ -438,11 +452,24 @@ def write_weights(
 
 def check_against_model(writer: ShardWriter, config: SalmonnConfig) -> None:
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in SalmonnForConditionalGeneration(config).state_dict().items()}
+        state = SalmonnForConditionalGeneration(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    expected_dtypes = {k: v.dtype for k, v in state.items()}
     written = {k: shape for k, (shape, _) in writer.shapes.items()}
     missing = sorted(set(expected) - set(written))
     unexpected = sorted(set(written) - set(expected))
     mismatched = [f"{k}: {written[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(written)) if written[k] != expected[k]]
+    # Weights must be floating point: an integer tensor where the model has a float one would be written as is.
+    not_float = [
+        f"{k} ({writer.shapes[k][1]})"
+        for k in sorted(set(expected_dtypes) & set(written))
+        if expected_dtypes[k].is_floating_point and not writer.shapes[k][1].is_floating_point
+    ]
+    if not_float:
+        raise ValueError(
+            f"Weights that must be floating point are not: {not_float[:20]}; the source checkpoint holds integer "
+            "tensors where SALMONN has weights (a corrupt or foreign file)"
+        )
     if missing or unexpected or mismatched:
         raise ValueError(
             "The converted weights do not match the SALMONN model built from them: "
@@ -602,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
         output = convert_salmonn(args)
     except (ValueError, FileExistsError) as err:
         logger.error("%s", err)
+        return 1
+    except OSError as err:  # a full disk, a read-only or vanished output location: nothing is left behind
+        logger.error("Cannot write the output folder %s: %s", args.output, err.strerror or err)
         return 1
     logger.info("Done: %s", output)
     return 0

@@ -24,12 +24,17 @@ def load_torch_file(path: Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
+        if "Unsupported operand" in str(err):
+            # Not a pickle at all (random bytes, another format): say so instead of blaming code execution.
+            raise ValueError(f"{what} {path} is not a torch checkpoint (not a zip or pickle file torch can read)") from err
         raise ValueError(
             f"{what} {path} cannot be loaded safely: it needs code execution to unpickle, which is refused "
             f"(torch.load weights_only=True). Detail: {str(err).splitlines()[0]}"
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise ValueError(f"{what} {path} is not a readable torch checkpoint: {err}") from err
+    except Exception as err:  # random bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, ...)
+        raise ValueError(f"{what} {path} is not a torch checkpoint ({type(err).__name__}: {err})") from err
 
 
 def _is_zip(path: Path) -> bool:

@@ -127,7 +127,7 @@ def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"--data {path}: file not found")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -164,22 +164,40 @@ def load_model_and_processor(
 # ------------------------------------------------------------------------------------------------ items
 
 
-def read_audio_file(path: str | Path, name: str) -> tuple[np.ndarray, int]:
-    """Decodes an audio file with soundfile (float64, all channels); unreadable files raise `ValueError`."""
+def read_audio_file(path: str | Path, name: str, feature_extractor=None) -> tuple[np.ndarray, int]:
+    """
+    Decodes an audio file with soundfile (float64, all channels); unreadable files raise `ValueError`. With a
+    `feature_extractor`, the length in the file's header is checked against its `max_audio_seconds` before
+    anything is decoded, so a too-long file is refused without filling the memory.
+    """
     import soundfile
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{name}: audio file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, not an audio file")
+    if not path.is_file():
+        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, pipe or socket), not an audio file")
     if path.stat().st_size == 0:
         raise ValueError(f"{name}: audio file {str(path)!r} is empty (0 bytes)")
-    try:
-        data, rate = soundfile.read(str(path), dtype="float64", always_2d=False)
-    except Exception as err:  # soundfile raises its own error types for corrupt and unsupported files
-        raise ValueError(
+
+    def undecodable(err: Exception) -> ValueError:  # soundfile raises its own error types for corrupt files
+        return ValueError(
             f"{name}: cannot decode audio file {str(path)!r} (corrupt, or a format libsndfile does not read: "
             f"use WAV, FLAC, OGG or MP3): {err}"
-        ) from err
+        )
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception as err:
+        raise undecodable(err) from err
+    if feature_extractor is not None and hasattr(feature_extractor, "check_duration") and info.samplerate > 0:
+        feature_extractor.check_duration(info.frames / info.samplerate, name)
+    try:
+        data, rate = soundfile.read(str(path), dtype="float64", always_2d=False)
+    except Exception as err:
+        raise undecodable(err) from err
     return data, rate
 
 
@@ -241,7 +259,7 @@ def prepare_item(processor, item: dict, index: int = 0) -> PreparedItem:
     for k, audio in enumerate(audios):
         audio_name = name if len(audios) == 1 else f"{name} audio[{k}]"
         if isinstance(audio, (str, Path)):
-            data, rate = read_audio_file(audio, audio_name)
+            data, rate = read_audio_file(audio, audio_name, feature_extractor)
         else:
             data, rate = audio, item.get("sampling_rate")
             if rate is None:

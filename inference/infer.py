@@ -151,7 +151,7 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
     rows: list[tuple[int, dict]] = []
     try:
         if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:
                 for number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
@@ -163,7 +163,7 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
                         raise ValueError(f"manifest {str(path)!r} line {number}: expected a JSON object, got {row!r}")
                     rows.append((number, row))
         else:
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets start CSV with a byte-order mark
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or "audio" not in reader.fieldnames:
                     raise ValueError(f"manifest {str(path)!r}: the CSV header must have an 'audio' column, got {reader.fieldnames}")
@@ -261,33 +261,87 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ output
 
 
+# How every record line starts (json.dumps of a dict whose first key is "id"): a cut-off last line is only dropped
+# when it starts so.
+_RECORD_PREFIX = b'{"id": '
+
+
+def _is_own_record(record) -> bool:
+    """salmonn-infer's records: a JSON object with an id and either an answer or an error."""
+    return isinstance(record, dict) and "id" in record and ("answer" in record or "error" in record)
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def read_done_ids(path: Path) -> set[str]:
     """
-    Ids already in an output file. A last line cut off by an interruption (no newline, not valid JSON) is removed
-    so that appending goes on cleanly; any other unreadable line is an error.
+    Ids already in an output file. The whole file is checked first: a file that is not salmonn-infer's own output
+    (every line a record with an id and an answer or error) is refused untouched. Only then is a last line cut off
+    by an interruption (no newline, the start of a record that does not parse) removed so that appending goes on cleanly.
     """
     if not path.exists():
         return set()
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a folder; give the path of a .jsonl file")
     data = path.read_bytes()
+    cut = len(data)
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+        if not data[cut:].startswith(_RECORD_PREFIX) or _parses(data[cut:]):
+            raise ValueError(
+                f"--output {str(path)!r} was not written by salmonn-infer (its last line is not a record); it is left "
+                "unchanged: use another file, or --overwrite to replace it"
+            )
     done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    try:
+        text = data[:cut].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--output {str(path)!r} is not a salmonn-infer output (not UTF-8 text); it is left unchanged") from err
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            done.add(str(record["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except json.JSONDecodeError:
+            record = None
+        if not _is_own_record(record):
             raise ValueError(
-                f"--output {str(path)!r} line {number} is not a salmonn-infer record ({err}); use another file or "
-                "--overwrite"
-            ) from err
+                f"--output {str(path)!r} line {number} is not a salmonn-infer record (a JSON object with 'id' and "
+                "'answer' or 'error'); the file is left unchanged: use another file, or --overwrite to replace it"
+            )
+        done.add(str(record["id"]))
+    if cut < len(data):
+        logger.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        with path.open("r+b") as f:
+            f.truncate(cut)
     return done
+
+
+def lock_output(path: Path):
+    """
+    Takes an exclusive lock on `path` (created if missing, its content untouched) for the rest of the run, so that
+    two runs never answer the same items into one file; the lock goes when the process ends. Returns the open file.
+    """
+    import fcntl
+
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a folder; give the path of a .jsonl file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.close()
+        raise ValueError(
+            f"--output {str(path)!r} is in use by another salmonn-infer run; wait for it to finish or use another file"
+        ) from err
+    return handle
 
 
 class JsonlWriter:
@@ -404,8 +458,9 @@ def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -
                 raise ValueError("--stream cannot be used with --num-beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
         output = Path(args.output) if args.output else None
+        output_lock = lock_output(output) if output is not None else None  # held until the run ends
         done_ids = set() if output is None or args.overwrite else read_done_ids(output)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2
 
@@ -458,6 +513,8 @@ def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -
         return 130
     finally:
         writer.close()
+        if output_lock is not None:
+            output_lock.close()
     elapsed = time.perf_counter() - start
     logger.info(
         "%d answered, %d errors, %d skipped in %.1f s%s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -51,6 +52,10 @@ class WebArguments:
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype.", "choices": list(DTYPES)})
     device: str = field(
         default="auto", metadata={"help": "Torch device (cpu, cuda, cuda:1, ...). auto: cuda when available."}
+    )
+    max_file_size: str = field(
+        default="50mb",
+        metadata={"help": "Largest upload accepted (gradio's form: 20mb, 1gb, ...); larger uploads are refused."},
     )
 
 
@@ -237,6 +242,22 @@ def _stream(model, processor, inputs, kwargs: dict, lora_scaling: float | None, 
 # -- page ------------------------------------------------------------------------------------------------------
 
 
+def web_error_message(err: Exception, audio: str | None) -> str:
+    """
+    The error as a web user should read it: the server's temporary upload path becomes the file's own name, and
+    advice meant for Python callers (`truncation=True`) becomes advice for the page.
+    """
+    message = str(err)
+    if audio:
+        message = message.replace(repr(str(audio)), repr(os.path.basename(audio))).replace(str(audio), os.path.basename(audio))
+    message = re.sub(
+        r"pass truncation=True to keep only its first (\S+) s or raise max_audio_seconds",
+        r"upload a shorter clip (cut it to its first \1 s, for example)",
+        message,
+    )
+    return message
+
+
 def build_demo(model, processor, model_name: str | None = None):
     """The Gradio page for `model` and `processor` (not launched: call `.launch()` on the returned Blocks)."""
     gr = _import_gradio()
@@ -288,7 +309,7 @@ def build_demo(model, processor, model_name: str | None = None):
                 else:
                     yield chat, "", "Generating…"
         except ValueError as err:  # bad audio file, bad settings: shown on the page, the server goes on
-            raise gr.Error(str(err)) from err
+            raise gr.Error(web_error_message(err, audio)) from err
 
     def new_conversation():
         return [], ""
@@ -429,7 +450,14 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_demo(model, processor, model_name=args.model)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, show_error=True)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        inbrowser=False,
+        show_error=True,
+        max_file_size=args.max_file_size,
+    )
     return 0
 
 

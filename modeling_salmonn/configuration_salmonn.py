@@ -153,8 +153,27 @@ class SalmonnConfig(PreTrainedConfig):
     ln_eps: float = 1e-5
     tie_word_embeddings: bool = False
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # A saved SALMONN folder always describes all its parts; filling a missing one with the default (13B) parts
+        # would silently allocate tens of GB for a model that does not match the weights.
+        missing = [key for key in cls.sub_configs_defaults if config_dict.get(key) is None and kwargs.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"This SALMONN config.json has no {', '.join(f'`{key}`' for key in missing)}: a saved SALMONN folder "
+                f"must describe all of {', '.join(cls.sub_configs_defaults)}. Re-save it from a complete config "
+                "(e.g. the one salmonn-convert writes)"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        vocab_size = self.text_config.vocab_size
+        if isinstance(self.audio_token_index, bool) or not isinstance(self.audio_token_index, int) or self.audio_token_index < vocab_size:
+            raise ValueError(
+                f"`audio_token_index` must be an integer id outside the language model's vocabulary (>= its vocab_size "
+                f"{vocab_size}; the processor's `<audio>` token, normally {vocab_size}), got {self.audio_token_index!r}"
+            )
         if self.lora_target_modules is None:
             self.lora_target_modules = ["q_proj", "v_proj"]
         # The Q-Former cross-attends to the concatenated Whisper + BEATs frames.

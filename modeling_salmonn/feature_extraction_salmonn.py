@@ -28,6 +28,9 @@ KALDI_LOG_FLOOR = float(np.finfo(np.float32).eps)
 KALDI_WAVEFORM_SCALE = 2**15
 # Segments are processed this many at a time, which bounds the float64 fbank memory for long audio.
 EXTRACT_CHUNK = 8
+# Float audio is expected in [-1, 1]; far larger samples are a wrong scale or garbage, and from about 1e16 the
+# float32 Whisper power spectrum overflows into NaN features and an empty answer.
+MAX_ABS_AMPLITUDE = 1e6
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,6 +141,9 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         super().__init__(
             feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
         )
+        for key, value in (("sampling_rate", sampling_rate), ("hop_length", hop_length), ("chunk_length", chunk_length), ("n_fft", n_fft)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{self.__class__.__name__}: `{key}` must be a positive integer, got {value!r}")
         self.hop_length = hop_length
         self.chunk_length = chunk_length
         self.n_fft = n_fft
@@ -213,7 +219,21 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
                 f"{name}: the audio contains {bad.size} non-finite sample(s) (NaN or inf), the first at index "
                 f"{bad[0]}"
             )
+        peak = float(np.abs(audio).max())
+        if peak > MAX_ABS_AMPLITUDE:
+            raise ValueError(
+                f"{name}: the audio's largest sample is {peak:.3g}; float samples must lie in [-1, 1] (at most "
+                f"{MAX_ABS_AMPLITUDE:.0e} is accepted), so this audio is scaled wrongly or is not audio"
+            )
         return audio
+
+    def check_duration(self, seconds: float, name: str) -> None:
+        """Refuses audio longer than `max_audio_seconds`; file readers call it with the header's length, before decoding."""
+        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+            raise ValueError(
+                f"{name}: the audio is {seconds:.2f} s long, longer than max_audio_seconds={self.max_audio_seconds} "
+                f"s; pass truncation=True to keep only its first {self.chunk_length} s or raise max_audio_seconds"
+            )
 
     def _resample(self, audio: np.ndarray, sampling_rate: int, name: str) -> np.ndarray:
         # soxr: a small maintained library, the one transformers' own `load_audio` and librosa (by default,
@@ -264,12 +284,8 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
             # Resampling only needs the first 30 s plus a margin for the resampling filter.
             keep = int(math.ceil((self.chunk_length + 1) * sampling_rate))
             audio = audio[:keep]
-        elif self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
-            raise ValueError(
-                f"{name}: the audio is {seconds:.2f} s long, longer than max_audio_seconds={self.max_audio_seconds} "
-                "s; pass truncation=True to keep only its first "
-                f"{self.chunk_length} s or raise max_audio_seconds"
-            )
+        else:
+            self.check_duration(seconds, name)
 
         if sampling_rate != self.sampling_rate:
             audio = self._resample(audio, sampling_rate, name)

@@ -264,16 +264,17 @@ class BeatsEncoder(nn.Module):
         self.layers = nn.ModuleList([BeatsEncoderLayer(config) for _ in range(config.encoder_layers)])
         self.gradient_checkpointing = False
 
-    def compute_position_bias(self, seq_len: int) -> torch.Tensor:
+    def compute_position_bias(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
         """Relative position bias `[heads, seq_len, seq_len]`, computed once per forward for all layers."""
         # Buckets come from a float32 log on the CPU, as in the original, so that bucket edges never depend on the
         # device; only the 2 * seq_len - 1 distinct offsets are bucketed.
         offsets = torch.arange(1 - seq_len, seq_len, dtype=torch.long, device="cpu")
         offset_buckets = relative_position_bucket(offsets, self.config.num_buckets, self.config.max_distance)
-        weight = self.relative_attention_bias.weight
-        positions = torch.arange(seq_len, device=weight.device)
+        # The input's device, not the weight's: an offloaded table lives on "meta" until its hook loads it.
+        device = device if device is not None else self.relative_attention_bias.weight.device
+        positions = torch.arange(seq_len, device=device)
         index = positions[None, :] - positions[:, None] + (seq_len - 1)
-        buckets = offset_buckets.to(weight.device)[index]
+        buckets = offset_buckets.to(device)[index]
         return self.relative_attention_bias(buckets).permute(2, 0, 1)
 
     def forward(
@@ -295,7 +296,8 @@ class BeatsEncoder(nn.Module):
 
         position_bias = None
         if self.relative_attention_bias is not None:
-            position_bias = self.compute_position_bias(hidden_states.shape[1]).to(hidden_states.dtype)
+            position_bias = self.compute_position_bias(hidden_states.shape[1], hidden_states.device)
+            position_bias = position_bias.to(hidden_states.device, hidden_states.dtype)
 
         all_hidden_states = () if output_hidden_states else None
         decay = self.config.layer_wise_gradient_decay_ratio

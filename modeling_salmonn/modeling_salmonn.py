@@ -16,11 +16,15 @@ from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, Generat
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import logging
 
 from .integrations_salmonn import SalmonnPeftConfigs, quantize_language_model_only
 from .configuration_salmonn import SalmonnConfig
 from .modelcard_salmonn import HUB_KWARGS, saved_model_card, upload_folder_to_hub
 from .modeling_beats import BeatsModel
+
+
+logger = logging.get_logger(__name__)
 
 
 # The flat module files that make a saved folder loadable with `trust_remote_code=True`.
@@ -305,6 +309,17 @@ class SalmonnModel(SalmonnPreTrainedModel):
             )
         return special_audio_mask
 
+    def _check_ids_in_vocabulary(self, input_ids: torch.LongTensor, is_audio: torch.BoolTensor) -> None:
+        """Ids past the vocabulary that are not the placeholder mean the tokenizer and the config disagree."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        outside = ((input_ids >= vocab_size) | (input_ids < 0)) & ~is_audio
+        if bool(outside.any()):
+            raise ValueError(
+                f"`input_ids` holds id {int(input_ids[outside][0])}, outside the language model's vocabulary of "
+                f"{vocab_size}, which is not the audio placeholder (config.audio_token_index="
+                f"{self.config.audio_token_index}): the processor's tokenizer and the model's config disagree"
+            )
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -314,6 +329,8 @@ class SalmonnModel(SalmonnPreTrainedModel):
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """Token embeddings with the audio embeddings written over the audio placeholders, in order."""
         is_audio = input_ids == self.config.audio_token_index
+        if input_features is not None:
+            self._check_ids_in_vocabulary(input_ids, is_audio)
         # The placeholder id lies outside the vocabulary on purpose; look up a harmless id instead.
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_audio, 0))
         audio_features = None
@@ -381,6 +398,24 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         # Loading replaces the parameters, and with them the `requires_grad` flags set in `__init__`.
         model._freeze_pretrained_parts()
         return model
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # Runs once the weights are loaded: a corrupt checkpoint with NaN/inf weights would otherwise answer '' silently.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        self._warn_non_finite_weights()
+
+    def _warn_non_finite_weights(self) -> list[str]:
+        bad = [
+            name
+            for name, tensor in self.state_dict().items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())
+        ]
+        if bad:
+            logger.warning(
+                f"{len(bad)} loaded weight tensor(s) hold NaN or inf values: {bad[:10]}; the checkpoint is corrupt and "
+                "its answers will be meaningless (often empty)"
+            )
+        return bad
 
     # -- parameters -------------------------------------------------------------------------------------------
 
@@ -541,6 +576,34 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
                 "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
             )
 
+    def _fit_context(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """
+        A prompt that does not fit the language model's context is an error; an answer that would run past it is
+        cut at the context's end (with a warning) instead of going on at positions the model was never trained on.
+        """
+        limit = self.config.text_config.max_position_embeddings
+        if prompt is None or not limit:
+            return
+        length = prompt.shape[1]
+        if length >= limit:
+            raise ValueError(
+                f"The prompt is {length} positions long (audio placeholders included: "
+                f"{self.config.audio_tokens_per_segment} per 30 s of audio), but the language model's context is "
+                f"{limit}; shorten the text or the audio"
+            )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is None:
+            max_length = kwargs.get("max_length", generation_config.max_length)
+            if max_length is None or max_length > limit:
+                kwargs["max_length"] = limit
+        elif length + max_new_tokens > limit:
+            logger.warning(
+                f"The prompt takes {length} of the language model's {limit} positions: the answer is cut at "
+                f"{limit - length} new tokens instead of max_new_tokens={max_new_tokens}"
+            )
+            kwargs["max_new_tokens"] = limit - length
+
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """
         `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
@@ -550,6 +613,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
         self._check_streamer(kwargs)
+        self._fit_context(input_ids if input_ids is not None else kwargs.get("inputs_embeds"), kwargs)
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
         if audio["input_features"] is None and input_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
             raise ValueError(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
@@ -94,20 +97,59 @@ class SalmonnProcessor(ProcessorMixin):
     def _tokenize_piece(self, text: str) -> list[int]:
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._without_placeholders(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _load_audio(self, audio, sampling_rate: int | None):
+    def _without_placeholders(self, ids: list[int]) -> list[int]:
+        """
+        User text that spells the placeholder token (`<audio>`) must not become audio positions: each such id is
+        replaced by the ids of the same characters as plain text. Text without it is tokenized exactly as before.
+        """
+        audio_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
+        if audio_id is None or audio_id == self.tokenizer.unk_token_id or audio_id not in ids:
+            return ids
+        as_text = self.tokenizer(self.audio_token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out: list[int] = []
+        for token_id in ids:
+            out.extend(as_text if token_id == audio_id else [token_id])
+        return out
+
+    def _load_audio(self, audio, sampling_rate: int | None, truncation: bool = False, name: str = "audio"):
+        """
+        A file is checked against `max_audio_seconds` from its header before it is decoded, and with `truncation`
+        only the first 30 s (plus the resampling margin) are read, so a long file never fills the memory.
+        """
         if isinstance(audio, str):
             try:
                 import soundfile
             except ImportError as err:  # pragma: no cover - soundfile is a dependency of the package
                 raise ImportError("Reading audio files needs the `soundfile` package") from err
             try:
-                data, file_rate = soundfile.read(audio, dtype="float64")
+                info = soundfile.info(audio)
             except Exception as err:
-                raise ValueError(f"Cannot read audio file {audio!r}: {err}") from err
+                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
+            frames = -1
+            if truncation:
+                frames = int(math.ceil((self.feature_extractor.chunk_length + 1) * info.samplerate))
+            else:
+                self.feature_extractor.check_duration(info.frames / info.samplerate, f"{name} ({audio!r})")
+            try:
+                data, file_rate = soundfile.read(audio, frames=frames, dtype="float64")
+            except Exception as err:
+                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
             return data, file_rate
         return audio, sampling_rate
+
+    @staticmethod
+    def _check_audio_paths(audios: list) -> None:
+        """Paths that are not audio files are named before anything else is checked."""
+        for k, item in enumerate(audios):
+            if isinstance(item, str) and not os.path.isfile(item):
+                what = "is a folder" if os.path.isdir(item) else "is not a regular file"
+                if not os.path.exists(item):
+                    what = "does not exist"
+                raise ValueError(
+                    f"Cannot read audio file {item!r} (audio[{k}]): it {what}; give an audio file, an array or a tensor"
+                )
 
     def __call__(
         self,
@@ -149,6 +191,7 @@ class SalmonnProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings")
         audios = [] if audio is None else _as_list_of_audio(audio)
+        self._check_audio_paths(audios)
 
         marker_counts = [t.count(self.audio_marker) for t in texts]
         if audios:
@@ -168,7 +211,7 @@ class SalmonnProcessor(ProcessorMixin):
         segments_per_audio: list[int] = []
         all_segments: list[np.ndarray] = []
         for k, item in enumerate(audios):
-            data, rate = self._load_audio(item, sampling_rate)
+            data, rate = self._load_audio(item, sampling_rate, truncation=truncation, name=f"audio[{k}]")
             segments = self.feature_extractor.to_segments(data, sampling_rate=rate, truncation=truncation, name=f"audio[{k}]")
             segments_per_audio.append(len(segments))
             all_segments.extend(segments)
@@ -197,6 +240,7 @@ class SalmonnProcessor(ProcessorMixin):
                 if not isinstance(answer, str):
                     raise ValueError(f"text_target[{i}] must be a string, got {type(answer).__name__}")
                 target_ids = self.tokenizer(answer + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+                target_ids = self._without_placeholders(target_ids)
                 if max_target_length is not None and len(target_ids) > max_target_length:
                     target_ids = target_ids[: max_target_length - 1] + [self.tokenizer.eos_token_id]
                 labels.append([-100] * len(prompt_ids[i]) + target_ids)

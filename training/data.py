@@ -53,6 +53,21 @@ def read_audio(source: str | os.PathLike | bytes, name: str | None = None) -> tu
     return np.ascontiguousarray(data), int(rate)
 
 
+# Float audio lies in [-1, 1]; samples beyond this are a wrong scale or garbage, and make the loss overflow.
+MAX_ABS_AMPLITUDE = 1e6
+
+
+def check_samples(audio: np.ndarray, name: str) -> np.ndarray:
+    """Refuses NaN/inf samples and absurd amplitudes, naming the audio, before they reach a batch."""
+    finite = np.isfinite(audio)
+    if not finite.all():
+        raise ValueError(f"Audio {name!r} has {int((~finite).sum())} non-finite sample(s) (NaN or inf)")
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak > MAX_ABS_AMPLITUDE:
+        raise ValueError(f"Audio {name!r} has samples up to {peak:.3g}; float audio must lie in [-1, 1]")
+    return audio
+
+
 def resample(audio: np.ndarray, rate: int, target: int = TARGET_SAMPLING_RATE) -> np.ndarray:
     if rate == target:
         return audio
@@ -176,7 +191,7 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):
                 if "annotation" not in data:
                     raise ValueError(f"Data file {str(path)!r}: expected {{\"annotation\": [...]}} or a JSON list of items")
@@ -186,14 +201,14 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
             records = data
         elif suffix == ".jsonl":
             records = []
-            for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
         elif suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
                 if reader.fieldnames is None or not ({"path", "audio"} & set(reader.fieldnames)):
                     raise ValueError(f"Data file {str(path)!r}: the header needs a `path` column, got {reader.fieldnames}")
@@ -406,12 +421,16 @@ class SalmonnTrainDataset(torch.utils.data.Dataset):
 
     def load_audio(self, item: dict) -> tuple[np.ndarray, int]:
         if "array" in item:
-            main = (np.asarray(item["array"], dtype=np.float64), item["sampling_rate"])
+            main = (check_samples(np.asarray(item["array"], dtype=np.float64), f"item {item['id']} array"), item["sampling_rate"])
         else:
             main = read_audio(item["path"])
+            check_samples(main[0], item["path"])
         if not item.get("expand_wav"):
             return main
-        return concatenate_with_silence([main] + [read_audio(p) for p in item["expand_wav"]])
+        parts = [read_audio(p) for p in item["expand_wav"]]
+        for path, (audio, _) in zip(item["expand_wav"], parts):
+            check_samples(audio, path)
+        return concatenate_with_silence([main] + parts)
 
     def __getitem__(self, index: int) -> dict | None:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,32 @@ def prepare_activation_items(model, processor, data_args, salmonn_args, training
 # main
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """
+    The newest `checkpoint-N` that holds the trainer state and weights. A folder left empty or half-written by a
+    kill during saving is skipped with a warning (the Trainer writes `trainer_state.json` last).
+    """
+    from .export import TRAINABLE_EXPORT_NAME
+
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, folder in sorted(found, reverse=True):
+        has_state = os.path.isfile(os.path.join(folder, "trainer_state.json"))
+        has_weights = any(os.path.isfile(os.path.join(folder, f)) for f in (*_WEIGHT_FILES, TRAINABLE_EXPORT_NAME))
+        if has_state and has_weights:
+            return folder
+        logger.warning("Skipping %s: incomplete checkpoint (no %s)", folder, "trainer_state.json" if not has_state else "weights")
+    return None
+
+
 def setup_logging(training_args) -> None:
     import transformers
 
@@ -362,7 +389,7 @@ def save_adapter(trainer, model_args, training_args) -> Path:
 def run(model_args, data_args, salmonn_args, training_args) -> dict:
     import torch
     from transformers import AutoModel, AutoProcessor, set_seed
-    from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+    from transformers.trainer_utils import IntervalStrategy
 
     from .collator import SalmonnDataCollator
     from .data import SalmonnTrainDataset
@@ -375,7 +402,7 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
 
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "latest"):
-        resume = get_last_checkpoint(training_args.output_dir)
+        resume = last_complete_checkpoint(training_args.output_dir)
         if resume is None:
             raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {training_args.output_dir}")
     elif resume is not None and not os.path.isdir(resume):

@@ -32,6 +32,10 @@ def salmonn_lr_lambda(step: int, init_lr: float, warmup_start_lr: float, min_lr:
     return lr / init_lr if init_lr > 0 else 0.0
 
 
+class NonFiniteTrainingError(ValueError):
+    """Training met a NaN or infinite gradient or weight; it stops before the bad update or save."""
+
+
 class DatasetEpochCallback(TrainerCallback):
     """Tells the training dataset the epoch, so that each epoch draws its own prompts (same ones after resuming)."""
 
@@ -94,6 +98,10 @@ class SalmonnTrainer(Trainer):
         self.record_data_order = record_data_order
         if checkpoint_trainable_only and self.args.load_best_model_at_end:
             raise ValueError("--checkpoint_trainable_only cannot be combined with --load_best_model_at_end")
+        for flag, value in (("--learning_rate", self.args.learning_rate), ("--warmup_start_lr", warmup_start_lr), ("--min_lr", min_lr)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+        self._last_batch_ids = None
 
     # -- optimiser and schedule -----------------------------------------------------------------------------
 
@@ -123,12 +131,38 @@ class SalmonnTrainer(Trainer):
     def _prepare_inputs(self, inputs):
         inputs = dict(inputs)
         ids = inputs.pop("ids", None)
+        if self.model.training:
+            self._last_batch_ids = ids
         if self.record_data_order and ids is not None and self.model.training:
             folder = os.path.join(self.args.output_dir, "data_order")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank{self.args.process_index}.jsonl"), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": self.state.global_step, "ids": ids}) + "\n")
         return super()._prepare_inputs(inputs)
+
+    # -- non-finite values -------------------------------------------------------------------------------------
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Checked before the optimizer step, so a NaN/inf gradient never reaches the weights (one host sync per
+        # step). With fp16 loss scaling, inf gradients are part of the normal scale search (the step is skipped).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(value) and not self.args.fp16:
+            batch = f" (batch ids {self._last_batch_ids})" if self._last_batch_ids else ""
+            raise NonFiniteTrainingError(
+                f"step {self.state.global_step + 1}: the gradient norm is {value}{batch}; training stopped before "
+                "this update, nothing more is saved. Check that batch's audio and labels, or lower --learning_rate"
+            )
+        return grad_norm
+
+    def _check_finite_weights(self) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        bad = [name for name, param in model.named_parameters() if param.requires_grad and not torch.isfinite(param).all()]
+        if bad:
+            raise NonFiniteTrainingError(
+                f"step {self.state.global_step}: {len(bad)} trainable weight(s) hold NaN or inf (first: {bad[:3]}); "
+                "they are not saved. Lower --learning_rate or check the training data"
+            )
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -138,6 +172,7 @@ class SalmonnTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Only the Trainer's own checkpoint folders are trainable-only; the final model (also what push_to_hub
         # saves into output_dir) is always complete.
+        self._check_finite_weights()
         is_checkpoint = output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir)
         if not (_internal_call and is_checkpoint and self._trainable_only_applies()):
             return super().save_model(output_dir, _internal_call=_internal_call)

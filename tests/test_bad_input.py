@@ -1,0 +1,634 @@
+"""Hostile and broken input at every entry point (issue #12): nothing lost, nothing silent.
+
+Each test names the case of the issue it pins down. The inputs are made here, small; the assertions are the exact
+behaviour: the file left byte-identical, the named error message, nothing saved, the run refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from tests.utils import tiny_model_and_processor
+
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_model_and_processor()
+    return model.eval(), processor
+
+
+def _tone(seconds: float, rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.3 * np.sin(2 * np.pi * 440 * t)
+
+
+def _wav(path: Path, seconds: float, rate: int = SR, channels: int = 1) -> Path:
+    audio = _tone(seconds, rate)
+    soundfile.write(str(path), np.stack([audio] * channels, axis=1) if channels > 1 else audio, rate, subtype="PCM_16")
+    return path
+
+
+# -- salmonn-infer --output (cases 1, 2, 14) -------------------------------------------------------------------
+
+
+def _infer(tmp_path, output, *extra):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    return main(["--model", str(tmp_path / "no-model"), "--output", str(output), "--no-progress", *extra, str(clip)])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"my notes\nsecond line without a final newline",
+        b'{"id": "a", "audio": "a.wav", "prompt": "x"}\n{"id": "b", "audio": "b.wav"}\n',
+        b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok"}\n{"id": "b", "audio": "b.wav"}',
+        b"\xff\xfe binary",
+    ],
+    ids=["notes", "manifest", "record-then-manifest-line", "binary"],
+)
+def test_case1_output_not_written_by_infer_is_refused_untouched(tmp_path, caplog, content):
+    output = tmp_path / "notes.jsonl"
+    output.write_bytes(content)
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert output.read_bytes() == content
+    assert "left unchanged" in caplog.text and str(output) in caplog.text
+
+
+def test_case1_only_a_cut_record_is_dropped_from_own_output(tmp_path):
+    from salmonn.inference.infer import read_done_ids
+
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok", "seconds": 1.0}\n{"id": "b", "aud')
+    assert read_done_ids(output) == {"a"}
+    assert output.read_bytes() == b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok", "seconds": 1.0}\n'
+
+
+def test_case2_a_second_run_on_the_same_output_is_refused(tmp_path, caplog):
+    from salmonn.inference.infer import lock_output
+
+    output = tmp_path / "out.jsonl"
+    content = b'{"id": "a", "audio": "a.wav", "prompt": "x", "error": "bad"}\n'
+    output.write_bytes(content)
+    held = lock_output(output)  # the first run, still working
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert _infer(tmp_path, output) == 2
+        assert "is in use by another salmonn-infer run" in caplog.text
+        assert output.read_bytes() == content
+    finally:
+        held.close()
+    caplog.clear()
+    # Once the first run has ended, the lock is free again (the run then fails later, on the missing model).
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert "in use" not in caplog.text and "Cannot load --model" in caplog.text
+    assert output.read_bytes() == content
+
+
+def test_case14_output_that_is_a_folder_is_a_clear_error(tmp_path, caplog):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, folder) == 2
+    assert f"--output {str(folder)!r} is a folder; give the path of a .jsonl file" in caplog.text
+    assert list(folder.iterdir()) == []
+
+
+# -- processor and feature extractor (cases 5, 6, 16, 20) -------------------------------------------------------
+
+
+def test_case5_absurd_amplitude_is_refused_naming_the_item(tiny, tmp_path):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    with pytest.raises(ValueError, match=r"audio\[0\]: the audio's largest sample is 3e\+29"):
+        processor(text=processor.format_prompt("Describe."), audio=_tone(1.0) * 1e30, sampling_rate=SR)
+    with pytest.raises(ValueError, match=r"item 'loud': the audio's largest sample is 3e\+29"):
+        prepare_item(processor, {"id": "loud", "audio": _tone(1.0) * 1e30, "sampling_rate": SR, "prompt": "Describe."})
+    # A float waveform at int16 scale is still accepted (and gives finite features).
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0) * 32767, sampling_rate=SR)
+    assert torch.isfinite(inputs["input_features"]).all() and torch.isfinite(inputs["input_values"]).all()
+
+
+def test_case6_user_text_never_becomes_audio_placeholders(tiny):
+    _, processor = tiny
+    audio_id = processor.audio_token_id
+    per_segment = processor.audio_tokens_per_segment
+    prompt = processor.format_prompt("What does <audio> mean? <audio><audio>")
+    inputs = processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="It says <audio>.")
+    ids = inputs["input_ids"][0]
+    assert int((ids == audio_id).sum()) == per_segment  # exactly one segment's placeholders, from the real audio
+    placeholders = (ids == audio_id).nonzero().flatten()
+    assert placeholders.tolist() == list(range(int(placeholders[0]), int(placeholders[0]) + per_segment))
+    assert "<audio>" in processor.decode(ids[placeholders[-1] + 1 :], skip_special_tokens=False)
+    assert int((processor(text="USER: <audio>\nASSISTANT:")["input_ids"] == audio_id).sum()) == 0
+    # Text without the literal is tokenized exactly as the tokenizer does it.
+    plain = processor(text="USER: hello </s> there")["input_ids"][0].tolist()
+    assert plain == [processor.tokenizer.bos_token_id] + processor.tokenizer("USER: hello </s> there", add_special_tokens=False)["input_ids"]
+
+
+def test_case16_zero_chunk_length_is_a_clear_error(tmp_path):
+    from modeling_salmonn.feature_extraction_salmonn import SalmonnFeatureExtractor
+
+    with pytest.raises(ValueError, match=r"`chunk_length` must be a positive integer, got 0"):
+        SalmonnFeatureExtractor(chunk_length=0)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({**SalmonnFeatureExtractor().to_dict(), "chunk_length": 0, "hop_length": 160})
+    )
+    with pytest.raises(ValueError, match=r"`chunk_length` must be a positive integer, got 0"):
+        SalmonnFeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_case20_paths_that_are_not_files_are_named(tiny, tmp_path):
+    _, processor = tiny
+    prompt = processor.format_prompt("Describe.")
+    with pytest.raises(ValueError, match=r"Cannot read audio file 'a' \(audio\[0\]\): it does not exist; give an audio file"):
+        processor(text=prompt, audio=["a", "b"])
+    with pytest.raises(ValueError, match=r"Cannot read audio file '.*' \(audio\[0\]\): it is a folder"):
+        processor(text=prompt, audio=str(tmp_path))
+
+
+# -- manifests written by spreadsheets (case 19) ---------------------------------------------------------------
+
+
+def test_case19_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from salmonn.evaluation.evaluate import _read_rows
+    from salmonn.inference.infer import expand_inputs
+    from salmonn.training.data import load_manifest
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    manifest = tmp_path / "sheet.csv"
+    manifest.write_bytes("\ufeffaudio,prompt,id\nclip.wav,Describe it.,c1\n".encode("utf-8"))
+    assert expand_inputs([str(manifest)], "default") == [{"id": "c1", "audio": str(clip), "prompt": "Describe it."}]
+    assert _read_rows(manifest) == [{"audio": "clip.wav", "prompt": "Describe it.", "id": "c1"}]
+    train = tmp_path / "train.csv"
+    train.write_bytes("\ufeffpath,text,task\nclip.wav,a tone,audiocaption\n".encode("utf-8"))
+    (item,) = load_manifest(train)
+    assert item["path"] == str(clip) and item["text"] == "a tone" and item["task"] == "audiocaption"
+
+
+# -- audio files: length from the header, folders and devices (cases 8, 18) ---------------------------------------
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails any full decode; records the `frames` of partial reads."""
+    reads = []
+    real_read = soundfile.read
+
+    def read(file, frames=-1, *args, **kwargs):
+        if frames < 0:
+            raise AssertionError(f"{file} was decoded whole")
+        reads.append(frames)
+        return real_read(file, frames, *args, **kwargs)
+
+    monkeypatch.setattr(soundfile, "read", read)
+    return reads
+
+
+def test_case8_too_long_file_is_refused_from_its_header(tiny, tmp_path, monkeypatch, no_decoding):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    monkeypatch.setattr(processor.feature_extractor, "max_audio_seconds", 2.0)
+    path = _wav(tmp_path / "long.wav", 3.0, rate=48000, channels=2)
+    with pytest.raises(ValueError, match=r"audio\[0\] \(.*long\.wav'\): the audio is 3\.00 s long, longer than max_audio_seconds=2\.0"):
+        processor(text=processor.format_prompt("Describe."), audio=str(path))
+    with pytest.raises(ValueError, match=r"item 'x': the audio is 3\.00 s long, longer than max_audio_seconds=2\.0"):
+        prepare_item(processor, {"id": "x", "audio": str(path), "prompt": "Describe."})
+    assert no_decoding == []
+
+
+def test_case8_truncation_reads_only_the_first_31_seconds(tiny, tmp_path, no_decoding):
+    _, processor = tiny
+    path = _wav(tmp_path / "long.wav", 40.0, rate=8000)
+    inputs = processor(text=processor.format_prompt("Describe."), audio=str(path), truncation=True)
+    assert no_decoding == [31 * 8000]
+    assert inputs["input_features"].shape[0] == 1
+
+
+def test_case8_web_upload_size_is_limited(monkeypatch, tmp_path):
+    import gradio
+
+    from salmonn.inference import web
+
+    launched = {}
+    fake_model = type("FakeModel", (), {"device": torch.device("cpu"), "dtype": torch.float32})()
+    monkeypatch.setattr(web, "load_model_and_processor", lambda *a, **k: (fake_model, None))
+    monkeypatch.setattr(web, "build_demo", lambda *a, **k: gradio.Blocks())
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    assert web.main(["--model", "m", "--device", "cpu"]) == 0
+    assert launched["max_file_size"] == "50mb"
+    assert web.main(["--model", "m", "--device", "cpu", "--max_file_size", "5mb"]) == 0
+    assert launched["max_file_size"] == "5mb"
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_case18_folder_or_device_is_named_for_what_it_is(tiny, tmp_path, kind):
+    from salmonn.inference.engine import prepare_item
+
+    _, processor = tiny
+    path = tmp_path if kind == "folder" else Path("/dev/null")
+    expected = "is a folder, not an audio file" if kind == "folder" else "is not a regular file (a device, pipe or socket)"
+    with pytest.raises(ValueError, match=rf"item 'x': '{path}' {expected}".replace("(", r"\(").replace(")", r"\)")):
+        prepare_item(processor, {"id": "x", "audio": str(path), "prompt": "Describe."})
+
+
+# -- salmonn-web messages (case 21) ------------------------------------------------------------------------------
+
+
+def test_case21_web_errors_hide_upload_paths_and_python_advice(tiny, tmp_path, monkeypatch):
+    from salmonn.inference.web import web_error_message
+
+    _, processor = tiny
+    monkeypatch.setattr(processor.feature_extractor, "max_audio_seconds", 2.0)
+    upload = tmp_path / "gradio" / "9f2c1e"
+    upload.mkdir(parents=True)
+    path = str(_wav(upload / "clip.wav", 3.0))
+    with pytest.raises(ValueError) as caught:
+        processor(text=processor.format_prompt("Describe."), audio=path)
+    message = web_error_message(caught.value, path)
+    assert str(tmp_path) not in message and "truncation=True" not in message
+    assert message == (
+        "audio[0] ('clip.wav'): the audio is 3.00 s long, longer than max_audio_seconds=2.0 s; upload a shorter clip "
+        "(cut it to its first 30 s, for example)"
+    )
+
+
+# -- training (cases 3, 10, 11) ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
+    from tests.utils import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    classes = [c for c in SOUND_CLASSES if c.kind != "speech"]
+    return {"base": save_tiny_checkpoint(root / "base"), "manifest": write_dataset(root / "data", 2, classes, seed=0)}
+
+
+def _train_args(setup, out, *extra):
+    return [
+        "--stage", "pretrain", "--model_name_or_path", str(setup["base"]), "--train_file", str(setup["manifest"]),
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "0",
+        "--dataloader_num_workers", "0", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", *extra,
+    ]
+
+
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "inf"), ("--learning_rate", "nan"), ("--min_lr", "inf")])
+def test_case3_non_finite_learning_rate_is_refused(train_setup, tmp_path, capsys, flag, value):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", flag, value)) == 2
+    assert f"{flag} must be a finite number >= 0, got {value}" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_case3_non_finite_gradient_stops_training_and_saves_nothing(train_setup, tmp_path, capsys, monkeypatch):
+    from salmonn.training.collator import SalmonnDataCollator
+    from salmonn.training.train import main
+
+    collate = SalmonnDataCollator.__call__
+
+    def poisoned(self, features):  # what a clip of huge samples did before the data checks: NaN features
+        batch = collate(self, features)
+        batch["input_features"] = batch["input_features"] * float("nan")
+        return batch
+
+    monkeypatch.setattr(SalmonnDataCollator, "__call__", poisoned)
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "step 1: the gradient norm is nan (batch ids [" in err and "training stopped before this update" in err
+    assert not (out / "model.safetensors").exists()
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_case3_non_finite_weights_are_never_saved(tiny, tmp_path):
+    from transformers import TrainingArguments
+
+    from salmonn.training.trainer import NonFiniteTrainingError, SalmonnTrainer
+
+    model, processor = tiny_model_and_processor()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = SalmonnTrainer(model=model, args=args, processing_class=processor)
+    with pytest.raises(NonFiniteTrainingError, match=r"trainable weight\(s\) hold NaN or inf"):
+        trainer.save_model()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _float_wav(path: Path, audio: np.ndarray) -> Path:
+    soundfile.write(str(path), audio.astype(np.float32), SR, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("bad", ["nan", "huge"])
+def test_case10_bad_samples_in_training_data_name_the_file(tmp_path, caplog, bad):
+    from salmonn.training.data import SalmonnTrainDataset, load_manifest
+    from salmonn.training.prompts import PromptPool
+
+    audio = _tone(1.0)
+    if bad == "nan":
+        audio[100] = np.nan
+    else:
+        audio = audio * 1e30
+    good = _float_wav(tmp_path / "good.wav", _tone(1.0))
+    broken = _float_wav(tmp_path / "broken.wav", audio)
+    manifest = tmp_path / "train.json"
+    manifest.write_text(json.dumps({"annotation": [
+        {"path": str(good), "text": "a tone", "task": "audiocaption"},
+        {"path": str(broken), "text": "a tone", "task": "audiocaption"},
+    ]}))
+    items = load_manifest(manifest)
+    dataset = SalmonnTrainDataset(items, PromptPool(), name="train")
+    assert dataset[0] is not None
+    with caplog.at_level(logging.WARNING):
+        assert dataset[1] is None  # skipped, like a missing file, and said so
+    expected = "non-finite sample(s)" if bad == "nan" else "samples up to 3e+29"
+    assert f"train: item 1 skipped at load time: Audio {str(broken)!r}" in caplog.text and expected in caplog.text
+    strict = SalmonnTrainDataset(items, PromptPool(), name="train", strict=True)
+    with pytest.raises(ValueError, match=rf"train: item 1: Audio '{broken}' .*{'non-finite' if bad == 'nan' else 'samples up to'}"):
+        strict[1]
+
+
+def test_case11_resume_last_skips_incomplete_checkpoints(tmp_path, caplog):
+    from salmonn.training.train import last_complete_checkpoint
+
+    out = tmp_path / "out"
+    complete = out / "checkpoint-2"
+    complete.mkdir(parents=True)
+    (complete / "trainer_state.json").write_text("{}")
+    (complete / "model.safetensors").write_bytes(b"x")
+    (out / "checkpoint-4").mkdir()  # killed while saving: empty
+    half = out / "checkpoint-3"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"x")  # weights, but no trainer state yet
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(str(out)) == str(complete)
+    assert f"Skipping {out / 'checkpoint-4'}: incomplete checkpoint (no trainer_state.json)" in caplog.text
+    assert f"Skipping {half}: incomplete checkpoint (no trainer_state.json)" in caplog.text
+    assert last_complete_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--save_steps", "1")) == 0
+    (out / "checkpoint-2").mkdir()  # a kill during the next save
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "last")) == 0
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+
+# -- salmonn-convert (cases 4, 13, 17) ----------------------------------------------------------------------------
+
+
+def _convert_args(output, checkpoint=None):
+    from tests.utils import FIXTURE_A
+
+    return [
+        "--salmonn-checkpoint", str(checkpoint or FIXTURE_A / "salmonn.pth"), "--whisper", str(FIXTURE_A / "whisper"),
+        "--beats", str(FIXTURE_A / "beats.pt"), "--llm", str(FIXTURE_A / "llm"), "--output", str(output),
+        "--qformer-num-attention-heads", "4", "--verify", "structure",
+    ]
+
+
+def _edited_checkpoint(tmp_path, edit) -> Path:
+    from tests.utils import FIXTURE_A
+
+    checkpoint = torch.load(FIXTURE_A / "salmonn.pth", weights_only=True)
+    edit(checkpoint)
+    path = tmp_path / "edited.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _convert_fails(tmp_path, caplog, checkpoint=None) -> str:
+    from salmonn.conversion.convert_salmonn import main
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with caplog.at_level(logging.ERROR):
+        assert main(_convert_args(tmp_path / "out", checkpoint)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no hidden temporary folder
+    return caplog.text
+
+
+def test_case4_integer_weights_are_an_error_naming_the_key(tmp_path, caplog):
+    def to_int(checkpoint):
+        key = "speech_llama_proj.weight"
+        checkpoint["model"][key] = checkpoint["model"][key].to(torch.int64)
+
+    text = _convert_fails(tmp_path, caplog, _edited_checkpoint(tmp_path, to_int))
+    assert "Weights that must be floating point are not: ['model.speech_llama_proj.weight (torch.int64)']" in text
+
+
+def test_case17_bad_config_value_and_random_bytes_name_the_file(tmp_path, caplog):
+    def bad_alpha(checkpoint):
+        checkpoint.setdefault("config", {}).setdefault("model", {})["lora_alpha"] = "abc"
+
+    path = _edited_checkpoint(tmp_path, bad_alpha)
+    assert f"{path}: `config.model.lora_alpha` must be a number, got 'abc'" in _convert_fails(tmp_path, caplog, path)
+    caplog.clear()
+    garbage = tmp_path / "garbage.pth"
+    for seed in (0, 17, 54, 62):  # UnpicklingError, IndexError, UnicodeDecodeError, KeyError inside torch.load
+        garbage.write_bytes(np.random.default_rng(seed).bytes(4096))
+        assert f"SALMONN checkpoint {garbage} is not a torch checkpoint" in _convert_fails(tmp_path, caplog, garbage)
+        caplog.clear()
+
+
+@pytest.mark.parametrize("where", ["full-disk", "read-only"])
+def test_case13_unwritable_output_is_a_clear_error_and_leaves_nothing(tmp_path, caplog, monkeypatch, where):
+    import errno
+    import tempfile
+
+    import salmonn.conversion.convert_salmonn as convert
+    import salmonn.conversion.io_utils as io_utils
+
+    if where == "full-disk":
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(convert, "write_safetensors_streaming", fail)
+        reason = "No space left on device"
+    else:
+        def fail(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(io_utils.tempfile, "mkdtemp", fail)
+        reason = "Read-only file system"
+    text = _convert_fails(tmp_path, caplog)
+    assert f"Cannot write the output folder {tmp_path / 'out'}: {reason}" in text
+    assert "Traceback" not in text
+
+
+def test_case13_rerun_removes_the_leftovers_of_a_killed_conversion(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from salmonn.conversion.convert_salmonn import main
+    from salmonn.conversion.io_utils import MARKER
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = tmp_path / ".out.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / MARKER).write_text(dead.stdout.strip())
+    (stale / "model.safetensors").write_bytes(b"complete-looking")
+    foreign = tmp_path / ".out.tmp-mine"  # a look-alike this tool did not write: left alone
+    foreign.mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert main(_convert_args(tmp_path / "out")) == 0
+    assert not stale.exists() and foreign.is_dir()
+    assert f"Removing {stale}, left by an interrupted run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-mine", "out"]
+    assert not (tmp_path / "out" / MARKER).exists()
+
+
+# -- loading a saved folder (cases 7, 12, 15) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from tests.utils import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("saved") / "tiny")
+
+
+def _edited_copy(saved: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_case7_missing_sub_config_is_an_error_before_building_anything(saved, tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModel
+
+    from modeling_salmonn.configuration_salmonn import SalmonnConfig
+
+    folder = _edited_copy(saved, tmp_path, lambda c: c.pop("text_config"))
+    expected = r"This SALMONN config.json has no `text_config`: a saved SALMONN folder must describe all of"
+    with pytest.raises(ValueError, match=expected):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: built.append(self))
+    with pytest.raises(ValueError, match=expected):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert built == []  # refused before a single module was made
+    monkeypatch.undo()
+    both = _edited_copy(saved, tmp_path / "2", lambda c: (c.pop("text_config"), c.pop("beats_config")))
+    with pytest.raises(ValueError, match=r"has no `beats_config`, `text_config`"):
+        SalmonnConfig.from_pretrained(both)
+    assert SalmonnConfig().text_config.hidden_size == 5120  # a default config built in Python still works
+
+
+def test_case15_audio_token_index_is_validated(saved, tmp_path, tiny):
+    from transformers import AutoModel
+
+    from modeling_salmonn.configuration_salmonn import SalmonnConfig
+
+    with pytest.raises(ValueError, match=r"`audio_token_index` must be an integer id outside the language model's vocabulary \(>= its vocab_size 401.*got 0"):
+        SalmonnConfig.from_pretrained(_edited_copy(saved, tmp_path, lambda c: c.update(audio_token_index=0)))
+    # 99999 is outside the vocabulary but not the tokenizer's <audio> id: the forward names the disagreement.
+    model = AutoModel.from_pretrained(_edited_copy(saved, tmp_path / "2", lambda c: c.update(audio_token_index=99999)), trust_remote_code=True)
+    _, processor = tiny
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    with pytest.raises(ValueError, match=r"`input_ids` holds id 401, outside the language model's vocabulary of 401, which is not the audio placeholder \(config.audio_token_index=99999\)"):
+        model(**inputs)
+
+
+def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    folder = tmp_path / "nan"
+    shutil.copytree(saved, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.speech_llama_proj.weight"][0, 0] = float("nan")
+    weights["lm_head.weight"][3, 1] = float("inf")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        SalmonnForConditionalGeneration.from_pretrained(folder)
+    assert (
+        "2 loaded weight tensor(s) hold NaN or inf values: ['model.speech_llama_proj.weight', 'lm_head.weight']"
+        in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        SalmonnForConditionalGeneration.from_pretrained(saved)
+    assert "NaN or inf" not in caplog.text
+
+
+# -- generation (case 9) -----------------------------------------------------------------------------------------
+
+
+def test_case9_prompt_longer_than_the_context_is_refused_and_answers_stop_at_its_end(tiny, caplog):
+    model, processor = tiny
+    limit = model.config.text_config.max_position_embeddings
+    generator = torch.Generator().manual_seed(0)
+    too_long = torch.randint(3, 300, (1, limit + 5), generator=generator)
+    with pytest.raises(ValueError, match=rf"The prompt is {limit + 5} positions long .* but the language model's context is {limit}"):
+        model.generate(too_long, max_new_tokens=4)
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    ids = torch.cat([inputs["input_ids"][:, :1], torch.randint(3, 300, (1, limit - 6 - inputs["input_ids"].shape[1]), generator=generator), inputs["input_ids"][:, 1:]], dim=1)
+    near_end = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(**near_end, max_new_tokens=50, num_beams=1, do_sample=False, eos_token_id=None)
+    assert out.shape[1] - ids.shape[1] == 6 and ids.shape[1] + 6 == limit
+    assert "the answer is cut at 6 new tokens instead of max_new_tokens=50" in caplog.text
+
+
+# -- offloading (case 23) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # the bare query parameter
+def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path, tiny):
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    _, processor = tiny
+    model = SalmonnForConditionalGeneration.from_pretrained(saved).eval()
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.5), sampling_rate=SR)
+    settings = [dict(num_beams=1, do_sample=False), dict(num_beams=4, do_sample=False)]
+    expected = [model.generate(**inputs, max_new_tokens=6, **setting) for setting in settings]
+    modules = [f"model.{name}" for name, _ in model.model.named_children()] + ["lm_head"]
+    assert "model.beats" in modules and "model.speech_encoder" in modules
+    # Each module on disk in turn (its weights stay on "meta" until its hook loads them), then all of them at once.
+    maps = [{**{name: "cpu" for name in modules}, offloaded: "disk"} for offloaded in modules]
+    maps.append({name: "disk" for name in modules})
+    for device_map in maps:
+        device_map["model.speech_query_tokens"] = "cpu"  # a bare parameter of SalmonnModel, not a module
+    for k, device_map in enumerate(maps):
+        loaded = SalmonnForConditionalGeneration.from_pretrained(
+            saved, device_map=device_map, offload_folder=str(tmp_path / f"offload-{k}")
+        ).eval()
+        assert loaded.model.beats.encoder.relative_attention_bias.weight.device.type == (
+            "meta" if device_map["model.beats"] == "disk" else "cpu"
+        )
+        for setting, want in zip(settings, expected):
+            got = loaded.generate(**inputs, max_new_tokens=6, **setting)
+            assert torch.equal(got, want), (device_map, setting)
