@@ -21,21 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_salmonn import SALMONN_ADAPTER_MODULES
+
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE_CHOICES = ("int8", "8bit", "4bit")
 
-# Parts of SALMONN that stay in full precision when the language model is quantized: the encoders, the Q-Former
-# path, the LoRA matrices (tiny, and their scaling must stay adjustable) and the output head.
+# Parts of SALMONN that stay in full precision when the language model is quantized: the encoders, the audio
+# adapter, the LoRA matrices (tiny, and their scaling must stay adjustable) and the output head.
 NOT_QUANTIZED_MODULES = (
     "model.speech_encoder",
     "model.beats",
-    "model.ln_speech",
-    "model.ln_audio",
-    "model.speech_qformer",
-    "model.speech_llama_proj",
+    *(f"model.{name}" for name in SALMONN_ADAPTER_MODULES),
     "lm_head",
     r".*\.lora_A",
     r".*\.lora_B",
