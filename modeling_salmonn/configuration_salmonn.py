@@ -98,6 +98,21 @@ class SalmonnConfig(PreTrainedConfig):
         audio_token_index (`int`): id of the audio placeholder; it lies outside the language model's
             vocabulary, so it changes no existing id and can never be generated.
         ln_eps (`float`): epsilon of `ln_speech` and `ln_audio`.
+
+    Example:
+
+    ```python
+    >>> from modeling_salmonn import SalmonnConfig, SalmonnForConditionalGeneration
+
+    >>> # SALMONN-13B v1: Whisper large-v2, BEATs, a 2-layer window-level Q-Former and Vicuna-13B with LoRA (r=8)
+    >>> configuration = SalmonnConfig()
+    >>> configuration.audio_tokens_per_segment  # 88 windows of 17 Whisper frames per 30 s, one query each
+    88
+
+    >>> # A randomly initialised model of that size (the released weights come from `salmonn-convert`)
+    >>> model = SalmonnForConditionalGeneration(configuration)
+    >>> configuration = model.config
+    ```
     """
 
     model_type = "salmonn"

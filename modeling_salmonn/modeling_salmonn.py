@@ -174,6 +174,8 @@ class SalmonnModel(SalmonnPreTrainedModel):
                 bias="none",
             )
             inject_adapter_in_model(lora_config, self.language_model)
+            # peft also freezes the LLM's base weights; what trains is training policy (`salmonn.training.trainable`).
+            self.language_model.requires_grad_(True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -72,7 +72,7 @@ def test_window_count_and_contents_follow_unfold(second_per_window, second_strid
 def test_prompt_tokenization_matches_original_golden_ids():
     from transformers import AutoTokenizer
 
-    from salmonn.inference.tiny import add_salmonn_tokens
+    from modeling_salmonn.processing_salmonn import add_salmonn_tokens
     from modeling_salmonn import SalmonnFeatureExtractor, SalmonnProcessor
 
     golden = fixture_golden()

@@ -8,6 +8,7 @@ The test files come from the source distribution of the installed transformers v
 from __future__ import annotations
 
 import sys
+import tempfile
 import unittest
 from pathlib import Path
 from unittest.mock import patch
@@ -179,6 +180,19 @@ class SalmonnModelTest(ModelTesterMixin, unittest.TestCase):
         audio = inputs_without(inputs, "input_ids", "attention_mask")
         with self.assertRaisesRegex(ValueError, f"placeholder id {config.audio_token_index} lies outside the embedding table"):
             model(inputs_embeds=text_embeds, **audio)
+
+    def test_sdpa_can_dispatch_composite_models(self):
+        # The mixin's version looks for a `vision_tower`/`audio_tower`; SALMONN has three towers under other names.
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        towers = ("language_model", "speech_encoder", "beats", "speech_qformer")
+        for model_class in self.all_model_classes:
+            with tempfile.TemporaryDirectory() as tmp:
+                model_class(config).save_pretrained(tmp)
+                for implementation in ("sdpa", "eager"):
+                    model = model_class.from_pretrained(tmp, attn_implementation=implementation).base_model
+                    self.assertEqual(model.config._attn_implementation, implementation)
+                    for tower in towers:
+                        self.assertEqual(getattr(model, tower).config._attn_implementation, implementation, tower)
 
     # Whisper and BEATs stay in eval mode while the model trains (`SalmonnForConditionalGeneration.train`), so
     # their layers never checkpoint; the mixin expects every `GradientCheckpointingLayer` to.
