@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import can_return_tuple
@@ -353,7 +354,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         input_values_mask: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -457,7 +458,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         input_values_mask: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
