@@ -185,9 +185,7 @@ class SalmonnModelTest(ModelTesterMixin, unittest.TestCase):
         with torch.no_grad():
             logits = model(**inputs).logits
             embeds, _ = model.model.embed_inputs(**inputs_without(inputs, "attention_mask"))
-            from_embeds = model(
-                inputs_embeds=embeds, attention_mask=inputs["attention_mask"]
-            ).logits
+            from_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
         torch.testing.assert_close(from_embeds, logits)
         text_embeds = model.get_input_embeddings()(inputs["input_ids"].clamp(max=config.text_config.vocab_size - 1))
         audio = inputs_without(inputs, "input_ids", "attention_mask")
