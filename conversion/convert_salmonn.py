@@ -30,10 +30,10 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, WhisperCon
 from salmonn.conversion.beats import load_original_beats
 from salmonn.conversion.io_utils import atomic_output_dir
 from salmonn.conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
-from salmonn.inference.tiny import AUDIO_TOKEN, add_salmonn_tokens
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 from modeling_salmonn.modelcard_salmonn import hub_id_of, license_for_llm, salmonn_model_card
 from modeling_salmonn.modeling_salmonn import AUTO_MAP, REMOTE_CODE_FILES, original_generation_config
+from modeling_salmonn.processing_salmonn import AUDIO_TOKEN, add_salmonn_tokens
 
 
 logger = logging.getLogger(__name__)

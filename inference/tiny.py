@@ -10,12 +10,10 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
+from modeling_salmonn.processing_salmonn import AUDIO_TOKEN, add_salmonn_tokens
 
 
 logger = logging.getLogger(__name__)
-
-AUDIO_TOKEN = "<audio>"
-PAD_TOKEN = "[PAD]"
 
 # Text the tiny SentencePiece model is trained on: the words of the demo's prompts and answers.
 _CORPUS = """\
@@ -63,15 +61,6 @@ def build_tiny_tokenizer(vocab_size: int = 400):
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         tokenizer = AutoTokenizer.from_pretrained(tmp)
     return add_salmonn_tokens(tokenizer)
-
-
-def add_salmonn_tokens(tokenizer):
-    """Adds `[PAD]` (as the original does) and then the audio placeholder, which lands one id past the LLM vocab."""
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if AUDIO_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
-    return tokenizer
 
 
 def tiny_config(vocab_size: int, audio_token_index: int, pad_token_id: int, **overrides) -> SalmonnConfig:

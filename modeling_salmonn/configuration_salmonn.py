@@ -6,6 +6,12 @@ from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig, Whisp
 from transformers.configuration_utils import SubConfigSpec
 
 
+# The audio adapter between the encoders and the LLM: the two LayerNorms, the learned window query, the window-level
+# Q-Former and the projection (modules of `SalmonnModel`, and the keys of saved weights). It is what SALMONN trains,
+# what stays in float32 in a half-precision model and what quantization leaves alone.
+SALMONN_ADAPTER_MODULES = ("ln_speech", "ln_audio", "speech_query_tokens", "speech_qformer", "speech_llama_proj")
+
+
 class BeatsConfig(PreTrainedConfig):
     r"""
     Configuration of the BEATs audio encoder. The field names are those of the `cfg` dict stored in the
@@ -98,6 +104,21 @@ class SalmonnConfig(PreTrainedConfig):
         audio_token_index (`int`): id of the audio placeholder; it lies outside the language model's
             vocabulary, so it changes no existing id and can never be generated.
         ln_eps (`float`): epsilon of `ln_speech` and `ln_audio`.
+
+    Example:
+
+    ```python
+    >>> from modeling_salmonn import SalmonnConfig, SalmonnForConditionalGeneration
+
+    >>> # SALMONN-13B v1: Whisper large-v2, BEATs, a 2-layer window-level Q-Former and Vicuna-13B with LoRA (r=8)
+    >>> configuration = SalmonnConfig()
+    >>> configuration.audio_tokens_per_segment  # 88 windows of 17 Whisper frames per 30 s, one query each
+    88
+
+    >>> # A randomly initialised model of that size (the released weights come from `salmonn-convert`)
+    >>> model = SalmonnForConditionalGeneration(configuration)
+    >>> configuration = model.config
+    ```
     """
 
     model_type = "salmonn"
@@ -168,11 +189,13 @@ class SalmonnConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        vocab_size = self.text_config.vocab_size
-        if isinstance(self.audio_token_index, bool) or not isinstance(self.audio_token_index, int) or self.audio_token_index < vocab_size:
+        # Converted SALMONN folders use the id one past the LLM's vocabulary (no embedding row); an id inside the
+        # table (a model with an `<audio>` row, as transformers' own audio LLMs have) works too. Whether the id is the
+        # one the processor's tokenizer emits is checked on the first forward, where both are known.
+        if isinstance(self.audio_token_index, bool) or not isinstance(self.audio_token_index, int) or self.audio_token_index < 0:
             raise ValueError(
-                f"`audio_token_index` must be an integer id outside the language model's vocabulary (>= its vocab_size "
-                f"{vocab_size}; the processor's `<audio>` token, normally {vocab_size}), got {self.audio_token_index!r}"
+                f"`audio_token_index` must be a non-negative integer token id (the processor's `<audio>` token, normally "
+                f"the LLM's vocab_size {self.text_config.vocab_size}), got {self.audio_token_index!r}"
             )
         if self.lora_target_modules is None:
             self.lora_target_modules = ["q_proj", "v_proj"]

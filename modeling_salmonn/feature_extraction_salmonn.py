@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers.audio_utils import mel_filter_bank
+from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
@@ -34,18 +34,17 @@ MAX_ABS_AMPLITUDE = 1e6
 
 
 @functools.lru_cache(maxsize=8)
-def _whisper_mel_filters(feature_size: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
-    """Slaney mel filters of `WhisperFeatureExtractor`, as a float32 `[n_fft // 2 + 1, feature_size]` tensor."""
-    filters = mel_filter_bank(
-        num_frequency_bins=1 + n_fft // 2,
-        num_mel_filters=feature_size,
-        min_frequency=0.0,
-        max_frequency=8000.0,
+def _whisper_feature_extractor(
+    feature_size: int, sampling_rate: int, hop_length: int, chunk_length: int, n_fft: int
+) -> WhisperFeatureExtractor:
+    """The Whisper log-mel of SALMONN's segments is exactly `WhisperFeatureExtractor`'s (built once per setting)."""
+    return WhisperFeatureExtractor(
+        feature_size=feature_size,
         sampling_rate=sampling_rate,
-        norm="slaney",
-        mel_scale="slaney",
+        hop_length=hop_length,
+        chunk_length=chunk_length,
+        n_fft=n_fft,
     )
-    return torch.from_numpy(filters).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,17 +302,14 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
 
     # ------------------------------------------------------------------ features
 
-    def _whisper_log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """`[S, n_samples]` float32 -> `[S, feature_size, nb_max_frames]`, as WhisperFeatureExtractor's torch path."""
-        window = torch.hann_window(self.n_fft, device=waveforms.device)
-        stft = torch.stft(waveforms, self.n_fft, self.hop_length, window=window, return_complex=True)
-        power = (stft[..., :-1].abs() ** 2).contiguous()
-        filters = _whisper_mel_filters(self.feature_size, self.n_fft, self.sampling_rate).to(waveforms.device)
-        log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()
-        # Dynamic range of 8 (log10) below each segment's maximum over the whole padded 30 s.
-        peak = log_spec.amax(dim=(1, 2), keepdim=True)
-        log_spec = torch.maximum(log_spec, peak - 8.0)
-        return (log_spec + 4.0) / 4.0
+    def _whisper_log_mel(self, waveforms: list[torch.Tensor], device: str | torch.device) -> torch.Tensor:
+        """Segments (float64, at most 30 s) -> `[S, feature_size, nb_max_frames]`: zero-padded to 30 s, float32."""
+        whisper = _whisper_feature_extractor(
+            self.feature_size, self.sampling_rate, self.hop_length, self.chunk_length, self.n_fft
+        )
+        waveforms = [wave.to(torch.float32).numpy() for wave in waveforms]
+        features = whisper(waveforms, sampling_rate=self.sampling_rate, return_tensors="pt", device=str(device))
+        return features["input_features"]
 
     def _beats_fbank(self, waveforms: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
         """
@@ -381,14 +377,11 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         with torch.no_grad():
             for start in range(0, len(waves), EXTRACT_CHUNK):
                 chunk = waves[start : start + EXTRACT_CHUNK]
-                # Whisper: float32 (as WhisperFeatureExtractor casts), each segment zero-padded to 30 s.
-                whisper_in = torch.zeros(len(chunk), self.n_samples, dtype=torch.float32)
                 beats_in = torch.zeros(len(chunk), max_samples, dtype=torch.float64)
                 for row, wave in enumerate(chunk):
-                    whisper_in[row, : wave.shape[0]] = wave.to(torch.float32)
                     keep = min(wave.shape[0], max_samples)
                     beats_in[row, :keep] = wave[:keep]
-                features.append(self._whisper_log_mel(whisper_in.to(device)).cpu())
+                features.append(self._whisper_log_mel(chunk, device))
                 chunk_frames = num_frames[start : start + EXTRACT_CHUNK].to(device)
                 fbanks.append(self._beats_fbank(beats_in.to(device), chunk_frames).to(torch.float32).cpu())
 

@@ -12,13 +12,15 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 
+from .configuration_salmonn import SALMONN_ADAPTER_MODULES
+
 
 # SALMONN injects its LoRA into the language model under peft's default adapter name.
 SALMONN_ADAPTER_NAME = "default"
-# What SALMONN training changes besides the LoRA (see `is_trainable_parameter`): whole modules, which peft saves as
-# `modules_to_save`, and the learned window query, a bare parameter that peft cannot wrap (saved under its own key).
-ADAPTER_MODULES_TO_SAVE = ["speech_qformer", "ln_speech", "ln_audio", "speech_llama_proj"]
+# What SALMONN training changes besides the LoRA: the audio adapter. Its modules are saved by peft as
+# `modules_to_save`; the learned window query is a bare parameter that peft cannot wrap (saved under its own key).
 QUERY_TOKENS_KEY = "model.speech_query_tokens"
+ADAPTER_MODULES_TO_SAVE = [name for name in SALMONN_ADAPTER_MODULES if f"model.{name}" != QUERY_TOKENS_KEY]
 PEFT_KEY_PREFIX = "base_model.model."
 
 
@@ -168,10 +170,7 @@ def save_salmonn_adapter(
 NOT_QUANTIZED_MODULES = (
     "model.speech_encoder",
     "model.beats",
-    "model.ln_speech",
-    "model.ln_audio",
-    "model.speech_qformer",
-    "model.speech_llama_proj",
+    *(f"model.{name}" for name in SALMONN_ADAPTER_MODULES),
     "lm_head",
     r".*\.lora_A",
     r".*\.lora_B",

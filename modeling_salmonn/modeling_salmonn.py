@@ -14,12 +14,14 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .integrations_salmonn import SalmonnPeftConfigs, quantize_language_model_only
-from .configuration_salmonn import SalmonnConfig
+from .configuration_salmonn import SALMONN_ADAPTER_MODULES, SalmonnConfig
 from .modelcard_salmonn import HUB_KWARGS, saved_model_card, upload_folder_to_hub
 from .modeling_beats import BeatsModel
 
@@ -51,33 +53,25 @@ AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
 AUDIO_SEGMENTS_PER_CHUNK = 8
+
+
 @dataclass
-class SalmonnModelOutputWithPast(ModelOutput):
+class SalmonnModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     audio_hidden_states (`torch.FloatTensor` of shape `(num_segments, audio_tokens_per_segment, hidden_size)`):
         Projected audio embeddings that replaced the audio placeholders, when audio was given.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
-class SalmonnCausalLMOutputWithPast(ModelOutput):
+class SalmonnCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`): mean cross-entropy of the next-token predictions where `labels` is not -100.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
     audio_hidden_states: see [`SalmonnModelOutputWithPast`].
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_hidden_states: torch.FloatTensor | None = None
 
 
@@ -96,6 +90,13 @@ def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
     )
 
 
+def _cat_per_layer(chunks: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:
+    """Joins per-layer outputs of audio encoded in chunks of segments back into one tensor per layer."""
+    if chunks[0] is None:
+        return None
+    return tuple(torch.cat(layer) for layer in zip(*chunks))
+
+
 class SalmonnPreTrainedModel(PreTrainedModel):
     config: SalmonnConfig
     config_class = SalmonnConfig
@@ -110,7 +111,8 @@ class SalmonnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LlamaDecoderLayer", "WhisperEncoderLayer"]
     # Loaded in bfloat16/float16, the window-level Q-Former and the parts around it stay in float32: they are small
     # (about 0.2% of a 13B model) and halve the error of the audio tokens (bf16: 0.7% -> 0.3% relative).
-    _keep_in_fp32_modules_strict = ["ln_speech", "ln_audio", "speech_query_tokens", "speech_qformer", "speech_llama_proj"]
+    # `SalmonnModel.__init__` creates them in float32, so `from_config` under a half-precision default agrees.
+    _keep_in_fp32_modules_strict = list(SALMONN_ADAPTER_MODULES)
     _skip_keys_device_placement = ["cache"]
 
     @property
@@ -187,13 +189,17 @@ class SalmonnModel(SalmonnPreTrainedModel):
         super().__init__(config)
         self.speech_encoder = WhisperEncoder(config.whisper_config)
         self.beats = BeatsModel(config.beats_config)
-        self.ln_speech = nn.LayerNorm(config.whisper_config.d_model, eps=config.ln_eps)
-        self.ln_audio = nn.LayerNorm(config.beats_config.encoder_embed_dim, eps=config.ln_eps)
+        # The audio adapter (SALMONN_ADAPTER_MODULES), in float32 whatever the default dtype.
+        fp32 = torch.float32
+        self.ln_speech = nn.LayerNorm(config.whisper_config.d_model, eps=config.ln_eps, dtype=fp32)
+        self.ln_audio = nn.LayerNorm(config.beats_config.encoder_embed_dim, eps=config.ln_eps, dtype=fp32)
         self.speech_query_tokens = nn.Parameter(
-            torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
+            torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size, dtype=fp32)
         )
-        self.speech_qformer = Blip2QFormerModel(config.qformer_config)
-        self.speech_llama_proj = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.speech_qformer = Blip2QFormerModel(config.qformer_config).to(fp32)
+        self.speech_llama_proj = nn.Linear(
+            config.qformer_config.hidden_size, config.text_config.hidden_size, dtype=fp32
+        )
         self.language_model = AutoModel.from_config(config.text_config)
         # LoRA is injected into the language model only: a bare ["q_proj", "v_proj"] target on the whole model
         # would also wrap the Whisper and BEATs attention. `lora_rank=0` describes a checkpoint with LoRA merged.
@@ -206,6 +212,8 @@ class SalmonnModel(SalmonnPreTrainedModel):
                 bias="none",
             )
             inject_adapter_in_model(lora_config, self.language_model)
+            # peft also freezes the LLM's base weights; what trains is training policy (`salmonn.training.trainable`).
+            self.language_model.requires_grad_(True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -214,15 +222,20 @@ class SalmonnModel(SalmonnPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_audio_features(
         self,
         input_features: torch.FloatTensor,
         input_values: torch.FloatTensor,
         input_values_mask: torch.LongTensor | None = None,
         **kwargs,
-    ) -> torch.FloatTensor:
+    ) -> BaseModelOutputWithPooling:
         """
-        Encodes audio segments into LLM embeddings, `[num_segments, audio_tokens_per_segment, hidden_size]`.
+        Encodes audio segments. `pooler_output` holds the LLM embeddings that replace the audio placeholders,
+        `[num_segments, audio_tokens_per_segment, text hidden_size]`; `last_hidden_state` the frames the Q-Former
+        reads, `ln_speech(Whisper)` and `ln_audio(BEATs)` side by side, `[num_segments, frames, whisper d_model +
+        beats hidden_size]`; `hidden_states` and `attentions` those of the Whisper encoder when requested
+        (`output_hidden_states`, `output_attentions`).
 
         `input_features` is the Whisper log-mel of each 30 s segment, `input_values` the normalised BEATs fbank and
         `input_values_mask` marks its real frames, so that a segment padded in a batch is encoded as if alone.
@@ -232,12 +245,14 @@ class SalmonnModel(SalmonnPreTrainedModel):
                 f"`input_features` has {input_features.shape[0]} segments but `input_values` has "
                 f"{input_values.shape[0]}; both must hold one row per audio segment"
             )
+        whisper_kwargs = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
         # The processor returns float32 features; run each encoder in its own dtype (bf16/fp16 loads).
         encoder_dtype = self.speech_encoder.conv1.weight.dtype
-        speech_embeds = torch.cat([
-            self.speech_encoder(chunk.to(encoder_dtype), return_dict=True).last_hidden_state
+        speech_outputs = [
+            self.speech_encoder(chunk.to(encoder_dtype), return_dict=True, **whisper_kwargs)
             for chunk in input_features.split(AUDIO_SEGMENTS_PER_CHUNK)
-        ])
+        ]
+        speech_embeds = torch.cat([output.last_hidden_state for output in speech_outputs])
         speech_embeds = self.ln_speech(speech_embeds.to(self.ln_speech.weight.dtype))
         audio_embeds = self._encode_beats(input_values, input_values_mask)
 
@@ -247,12 +262,12 @@ class SalmonnModel(SalmonnPreTrainedModel):
             audio_embeds = nn.functional.pad(audio_embeds, (0, 0, 0, speech_len - audio_len))
         elif audio_len > speech_len:
             speech_embeds = nn.functional.pad(speech_embeds, (0, 0, 0, audio_len - speech_len))
-        hidden = torch.cat([speech_embeds, audio_embeds.to(speech_embeds.dtype)], dim=-1)
+        frames = torch.cat([speech_embeds, audio_embeds.to(speech_embeds.dtype)], dim=-1)
 
         # Windows of `kernel` frames every `stride` frames; a last partial window is dropped (as `F.unfold` does).
         kernel, stride = self.config.window_kernel, self.config.window_stride
-        num_segments, _, channels = hidden.shape
-        windows = hidden.unfold(1, kernel, stride)  # [segments, windows, channels, kernel]
+        num_segments, _, channels = frames.shape
+        windows = frames.unfold(1, kernel, stride)  # [segments, windows, channels, kernel]
         num_windows = windows.shape[1]
         windows = windows.permute(0, 1, 3, 2).reshape(num_segments * num_windows, kernel, channels)
 
@@ -261,7 +276,12 @@ class SalmonnModel(SalmonnPreTrainedModel):
         query_output = self.speech_qformer(query_embeds=query, encoder_hidden_states=windows, return_dict=True)
         query_output = query_output.last_hidden_state.to(self.speech_llama_proj.weight.dtype)
         audio_tokens = self.speech_llama_proj(query_output)
-        return audio_tokens.reshape(num_segments, num_windows * self.config.num_query_tokens, -1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=frames,
+            pooler_output=audio_tokens.reshape(num_segments, num_windows * self.config.num_query_tokens, -1),
+            hidden_states=_cat_per_layer([output.hidden_states for output in speech_outputs]),
+            attentions=_cat_per_layer([output.attentions for output in speech_outputs]),
+        )
 
     def _encode_beats(self, input_values: torch.FloatTensor, input_values_mask: torch.LongTensor | None) -> torch.FloatTensor:
         """
@@ -299,8 +319,25 @@ class SalmonnModel(SalmonnPreTrainedModel):
         longest = max(output.shape[0] for output in outputs)
         return torch.stack([nn.functional.pad(output, (0, 0, 0, longest - output.shape[0])) for output in outputs])
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, audio_features: torch.Tensor) -> torch.BoolTensor:
-        special_audio_mask = input_ids == self.config.audio_token_index
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor, audio_features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """
+        `[batch, seq_len]` mask of the audio placeholders. Without `input_ids` they are the positions whose embedding
+        is the placeholder's row, which exists only where the placeholder id lies inside the embedding table.
+        """
+        if input_ids is not None:
+            special_audio_mask = input_ids == self.config.audio_token_index
+        else:
+            embeddings = self.get_input_embeddings()
+            if self.config.audio_token_index >= embeddings.num_embeddings:
+                raise ValueError(
+                    f"The audio placeholder id {self.config.audio_token_index} lies outside the embedding table "
+                    f"({embeddings.num_embeddings} rows), so `inputs_embeds` cannot mark where the audio goes; pass "
+                    "`input_ids` with the audio"
+                )
+            placeholder = embeddings(torch.tensor(self.config.audio_token_index, device=inputs_embeds.device))
+            special_audio_mask = (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
         n_tokens, n_features = int(special_audio_mask.sum()), audio_features.shape[0] * audio_features.shape[1]
         if n_tokens != n_features:
             raise ValueError(
@@ -322,27 +359,42 @@ class SalmonnModel(SalmonnPreTrainedModel):
 
     def embed_inputs(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         input_features: torch.FloatTensor | None = None,
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
-        """Token embeddings with the audio embeddings written over the audio placeholders, in order."""
-        is_audio = input_ids == self.config.audio_token_index
-        if input_features is not None:
+        """
+        Token embeddings (`inputs_embeds`, or those of `input_ids`) with the audio embeddings written over the audio
+        placeholders, in order; also returns the audio embeddings.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
+        placeholder_ids = input_ids
+        if inputs_embeds is None:
+            embeddings = self.get_input_embeddings()
+            is_audio = input_ids == self.config.audio_token_index
             self._check_ids_in_vocabulary(input_ids, is_audio)
-        # The placeholder id lies outside the vocabulary on purpose; look up a harmless id instead.
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_audio, 0))
+            if self.config.audio_token_index >= embeddings.num_embeddings:
+                # Released checkpoints put the placeholder id one past the embedding table (it changes no LLM weight
+                # and can never be generated); look up a harmless id instead.
+                if input_features is None and bool(is_audio.any()):
+                    raise ValueError("`input_ids` holds audio placeholder tokens but no audio features were given")
+                input_ids = input_ids.masked_fill(is_audio, 0)
+            inputs_embeds = embeddings(input_ids)
         audio_features = None
         if input_features is not None:
-            audio_features = self.get_audio_features(input_features, input_values, input_values_mask)
-            mask = self.get_placeholder_mask(input_ids, audio_features)
+            audio_features = self.get_audio_features(
+                input_features, input_values, input_values_mask, return_dict=True
+            ).pooler_output
+            mask = self.get_placeholder_mask(placeholder_ids, inputs_embeds, audio_features)
             mask = mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_features.to(inputs_embeds.device, inputs_embeds.dtype))
-        elif bool(is_audio.any()):
-            raise ValueError("`input_ids` holds audio placeholder tokens but no audio features were given")
         return inputs_embeds, audio_features
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -351,22 +403,21 @@ class SalmonnModel(SalmonnPreTrainedModel):
         input_values_mask: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> SalmonnModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
-        audio_features = None
-        if inputs_embeds is None:
-            inputs_embeds, audio_features = self.embed_inputs(input_ids, input_features, input_values, input_values_mask)
+        inputs_embeds, audio_features = self.embed_inputs(
+            input_ids, input_features, input_values, input_values_mask, inputs_embeds=inputs_embeds
+        )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return SalmonnModelOutputWithPast(
@@ -388,16 +439,14 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         self.model = SalmonnModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        self._freeze_pretrained_parts()
         self.generation_config = original_generation_config(config)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        # A user's `quantization_config` would quantize every linear layer (Whisper, BEATs, the Q-Former); SALMONN
+        # quantizes the language model only. transformers copies the config before `__init__`, so it is done here.
         quantize_language_model_only(kwargs.get("quantization_config"))
-        model = super().from_pretrained(*args, **kwargs)
-        # Loading replaces the parameters, and with them the `requires_grad` flags set in `__init__`.
-        model._freeze_pretrained_parts()
-        return model
+        return super().from_pretrained(*args, **kwargs)
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # Runs once the weights are loaded: a corrupt checkpoint with NaN/inf weights would otherwise answer '' silently.
@@ -417,32 +466,11 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             )
         return bad
 
-    # -- parameters -------------------------------------------------------------------------------------------
-
-    def _freeze_pretrained_parts(self) -> None:
-        """Whisper, BEATs and the LLM's base weights are frozen; the Q-Former path and LoRA train."""
-        for name, param in self.named_parameters():
-            param.requires_grad = self.is_trainable_parameter(name)
-
-    @staticmethod
-    def is_trainable_parameter(name: str) -> bool:
-        trainable_prefixes = (
-            "model.speech_qformer.",
-            "model.speech_query_tokens",
-            "model.ln_speech.",
-            "model.ln_audio.",
-            "model.speech_llama_proj.",
-        )
-        return name.startswith(trainable_prefixes) or ".lora_A." in name or ".lora_B." in name
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors SALMONN training changes: a small export that can be applied to a converted base folder."""
-        return {k: v for k, v in self.state_dict().items() if self.is_trainable_parameter(k)}
-
     def train(self, mode: bool = True):
         super().train(mode)
-        # Frozen encoders stay deterministic in training (the original flips them to train mode, which turns on
-        # BEATs dropout and layer drop).
+        # Model behaviour, not training policy: Whisper and BEATs are pretrained feature extractors whose output
+        # must not depend on the mode (the original flips them to train mode, which turns on BEATs dropout and layer
+        # drop). Which parameters train is decided in `salmonn.training.trainable`.
         self.model.speech_encoder.eval()
         self.model.beats.eval()
         return self
@@ -511,10 +539,12 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         input_values: torch.FloatTensor,
         input_values_mask: torch.LongTensor | None = None,
         **kwargs,
-    ) -> torch.FloatTensor:
-        """Projected audio embeddings `[num_segments, audio_tokens_per_segment, hidden_size]`."""
-        return self.model.get_audio_features(input_features, input_values, input_values_mask)
+    ) -> BaseModelOutputWithPooling:
+        """See [`SalmonnModel.get_audio_features`]; `pooler_output` holds the projected audio embeddings."""
+        return self.model.get_audio_features(input_features, input_values, input_values_mask, **kwargs)
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -523,7 +553,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         input_values_mask: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -544,14 +574,12 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        # `transformers.modeling_utils.slice_logits_to_keep` is not in transformers 5.19 (vLLM's pin).
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices])
 
         loss = None
         if labels is not None:
@@ -633,4 +661,4 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
 
 SalmonnForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["SalmonnForConditionalGeneration", "SalmonnModel", "SalmonnPreTrainedModel"]
+__all__ = ["SALMONN_ADAPTER_MODULES", "SalmonnForConditionalGeneration", "SalmonnModel", "SalmonnPreTrainedModel"]

@@ -12,6 +12,9 @@ from transformers import BatchFeature, ProcessorMixin
 from .feature_extraction_salmonn import SalmonnFeatureExtractor
 
 
+AUDIO_TOKEN = "<audio>"
+PAD_TOKEN = "[PAD]"
+
 # USER: ... \nASSISTANT: answer</s> -- SALMONN's "USER: {}\nASSISTANT:" template, continued Vicuna-style for
 # several turns. An audio item renders as the original's "<Speech><SpeechHere></Speech> " prefix.
 DEFAULT_CHAT_TEMPLATE = (
@@ -29,6 +32,18 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
+
+
+def add_salmonn_tokens(tokenizer):
+    """
+    Adds `[PAD]` (as the original does) and then the audio placeholder to a LLaMA tokenizer, so the placeholder lands
+    one id past the LLM's vocabulary (which includes the `[PAD]` row).
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if AUDIO_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
+    return tokenizer
 
 
 def _as_list_of_audio(audio) -> list:
@@ -66,7 +81,7 @@ class SalmonnProcessor(ProcessorMixin):
         tokenizer,
         chat_template: str | None = None,
         audio_marker: str = "<SpeechHere>",
-        audio_token: str = "<audio>",
+        audio_token: str = AUDIO_TOKEN,
         audio_tokens_per_segment: int = 88,
     ):
         if chat_template is None:
@@ -82,10 +97,6 @@ class SalmonnProcessor(ProcessorMixin):
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no audio placeholder token {self.audio_token!r}")
         return token_id
-
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", *self.feature_extractor.model_input_names]
 
     def format_prompt(self, instruction: str, num_audios: int = 1) -> str:
         """The single-turn prompt the original builds: `USER: <Speech><SpeechHere></Speech> {instruction}\\nASSISTANT:`."""
@@ -268,14 +279,8 @@ class SalmonnProcessor(ProcessorMixin):
             data.update(self.feature_extractor.extract(all_segments, return_tensors="pt"))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
 
 SalmonnProcessor.register_for_auto_class("AutoProcessor")
 SalmonnFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 
-__all__ = ["SalmonnProcessor"]
+__all__ = ["SalmonnProcessor", "add_salmonn_tokens"]

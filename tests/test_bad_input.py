@@ -549,14 +549,17 @@ def test_case15_audio_token_index_is_validated(saved, tmp_path, tiny):
 
     from modeling_salmonn.configuration_salmonn import SalmonnConfig
 
-    with pytest.raises(ValueError, match=r"`audio_token_index` must be an integer id outside the language model's vocabulary \(>= its vocab_size 401.*got 0"):
-        SalmonnConfig.from_pretrained(_edited_copy(saved, tmp_path, lambda c: c.update(audio_token_index=0)))
-    # 99999 is outside the vocabulary but not the tokenizer's <audio> id: the forward names the disagreement.
-    model = AutoModel.from_pretrained(_edited_copy(saved, tmp_path / "2", lambda c: c.update(audio_token_index=99999)), trust_remote_code=True)
+    for bad in (-1, "abc", 3.5):
+        with pytest.raises(ValueError, match=rf"`audio_token_index` must be a non-negative integer token id .*got {bad!r}"):
+            SalmonnConfig.from_pretrained(_edited_copy(saved, tmp_path / f"bad{bad}", lambda c: c.update(audio_token_index=bad)))
+    # 0 (a real token) and 99999 are not the tokenizer's <audio> id (401): the forward names the disagreement.
     _, processor = tiny
     inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
-    with pytest.raises(ValueError, match=r"`input_ids` holds id 401, outside the language model's vocabulary of 401, which is not the audio placeholder \(config.audio_token_index=99999\)"):
-        model(**inputs)
+    for index in (0, 99999):
+        folder = _edited_copy(saved, tmp_path / str(index), lambda c: c.update(audio_token_index=index))
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        with pytest.raises(ValueError, match=rf"`input_ids` holds id 401, outside the language model's vocabulary of 401, which is not the audio placeholder \(config.audio_token_index={index}\)"):
+            model(**inputs)
 
 
 def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):

@@ -95,7 +95,7 @@ def test_training_writes_a_peft_adapter_that_is_the_fine_tuned_model(tmp_path):
     assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base) and config["r"] == 8 and config["lora_alpha"] == 32
-    assert config["modules_to_save"] == ["speech_qformer", "ln_speech", "ln_audio", "speech_llama_proj"]
+    assert config["modules_to_save"] == ["ln_speech", "ln_audio", "speech_qformer", "speech_llama_proj"]
     card = (adapter / "README.md").read_text()
     assert f'AutoModel.from_pretrained("{base}"' in card and "library_name: peft" in card
     result = run_fresh_python(

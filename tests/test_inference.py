@@ -49,7 +49,7 @@ PROMPTS = ["Describe the audio.", "What do you hear?", "Transcribe the speech.",
 
 def _audio_features(model, inputs):
     with torch.no_grad():
-        return model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS})
+        return model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).pooler_output
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -312,8 +312,8 @@ def test_half_precision_load_and_generate_on_cpu(checkpoint, dtype):
     inputs = engine.build_inputs(model, processor, prepared)
     assert inputs["input_features"].dtype == engine.DTYPES[dtype]
     with torch.no_grad():
-        reference = model32.get_audio_features(**{k: inputs32[k] for k in AUDIO_KEYS})
-        half = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).float()
+        reference = model32.get_audio_features(**{k: inputs32[k] for k in AUDIO_KEYS}).pooler_output
+        half = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).pooler_output.float()
     assert float((half - reference).norm() / reference.norm()) < 0.05
     answers = engine.generate_answers(model, processor, [item, item], {"max_new_tokens": 4, "num_beams": 2})
     assert len(answers) == 2 and answers[0] == answers[1]

@@ -77,7 +77,7 @@ def test_parity_from_wav(converted, name):
     assert inputs["input_ids"].shape[1] == prompt_len
     assert _max_diff(inputs["input_features"], gold["spectrogram"]) < SPECTROGRAM_TOLERANCE_VS_4_28
     with torch.no_grad():
-        speech_embeds = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS})
+        speech_embeds = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).pooler_output
         logits = model(**inputs).logits
     assert _max_diff(speech_embeds, gold["speech_embeds"]) < 1e-3
     assert _max_diff(logits, gold["forward_logits"][:, :prompt_len]) < 1e-3
@@ -91,7 +91,7 @@ def test_parity_from_stored_spectrogram_and_teacher_forcing(converted, name):
     inputs["input_features"] = gold["spectrogram"]
     assert torch.equal(inputs["labels"], gold["forward_labels"])
     with torch.no_grad():
-        speech_embeds = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS})
+        speech_embeds = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).pooler_output
         out = model(**inputs)
     assert _max_diff(speech_embeds, gold["speech_embeds"]) < 1e-4
     assert _max_diff(out.logits, gold["forward_logits"]) < 1e-4

@@ -15,6 +15,7 @@ from tests.utils import run_fresh_python, save_tiny_checkpoint
 from salmonn.training.export import TRAINABLE_EXPORT_NAME, load_trainable_export, save_trainable_export
 from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
 from salmonn.training.train import STAGES, build_parser, main, parse_arguments, recipe_path
+from salmonn.training.trainable import freeze_for_training, is_trainable_parameter, trainable_state_dict
 from salmonn.training.trainer import salmonn_lr_lambda
 
 
@@ -176,7 +177,7 @@ def test_export_refuses_files_that_do_not_fit(tiny, tmp_path):
     model, _ = tiny
     path = save_trainable_export(model, tmp_path / "t.safetensors")
     tensors = load_file(path)
-    assert set(tensors) == set(model.trainable_state_dict())
+    assert set(tensors) == set(trainable_state_dict(model))
     partial = dict(list(tensors.items())[:-1])
     save_file(partial, tmp_path / "partial.safetensors", metadata={"salmonn_trainable_export": "1"})
     with pytest.raises(ValueError, match="1 missing keys"):
@@ -196,6 +197,7 @@ def test_optimizer_groups_decay_matrices_only(tiny_run):
     from salmonn.training.trainer import SalmonnTrainer
 
     model = AutoModel.from_pretrained(tiny_run["base"], trust_remote_code=True)
+    freeze_for_training(model)
     args = TrainingArguments(output_dir=str(tiny_run["root"] / "unused"), use_cpu=True, weight_decay=0.05, report_to=[])
     trainer = SalmonnTrainer(model=model, args=args)
     optimizer = trainer.create_optimizer()
@@ -208,6 +210,21 @@ def test_optimizer_groups_decay_matrices_only(tiny_run):
     assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
     assert "model.ln_speech.weight" in plain and "model.speech_llama_proj.bias" in plain
     assert any(".lora_A." in n for n in decayed)
+
+
+def test_freeze_for_training_trains_the_audio_adapter_and_lora_only(tiny):
+    model = type(tiny[0])(tiny[0].config)  # a fresh copy: the model itself freezes nothing but Whisper's sinusoids
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["model.speech_encoder.embed_positions.weight"]
+    count = freeze_for_training(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = ("model.ln_speech.", "model.ln_audio.", "model.speech_query_tokens", "model.speech_qformer.", "model.speech_llama_proj.")
+    expected = {n for n, _ in model.named_parameters() if n.startswith(adapter) or ".lora_A." in n or ".lora_B." in n}
+    assert trainable == expected and count == sum(model.get_parameter(n).numel() for n in expected)
+    assert any(n.startswith("model.speech_qformer.") for n in trainable) and any(".lora_B." in n for n in trainable)
+    assert not is_trainable_parameter("model.speech_encoder.layers.0.fc1.weight")
+    assert not is_trainable_parameter("model.language_model.layers.0.self_attn.q_proj.base_layer.weight")
+    assert not is_trainable_parameter("lm_head.weight")
+    assert set(trainable_state_dict(model)) == trainable
 
 
 def test_frozen_encoders_stay_in_eval_mode_while_training(tiny):
@@ -288,7 +305,7 @@ def test_activation_stage_writes_stories_with_discounted_lora_then_trains_on_the
     assert trained.lora_scaling == 4.0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    before, after = model.trainable_state_dict(), trained.trainable_state_dict()
+    before, after = trainable_state_dict(model), trainable_state_dict(trained)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .trainable import is_trainable_parameter, trainable_state_dict
+
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +26,17 @@ TRAINABLE_EXPORT_NAME = "salmonn_trainable.safetensors"
 
 
 def _trainable_keys(model) -> set[str]:
-    return {k for k in model.state_dict() if model.is_trainable_parameter(k)}
+    return {k for k in model.state_dict() if is_trainable_parameter(k)}
 
 
 def save_trainable_export(model, path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """
-    Writes `model.trainable_state_dict()` (or the given `tensors`) as safetensors, atomically, with the LoRA settings
+    Writes `trainable_state_dict(model)` (or the given `tensors`) as safetensors, atomically, with the LoRA settings
     as metadata.
     """
     path = Path(path)
     if tensors is None:
-        tensors = model.trainable_state_dict()
+        tensors = trainable_state_dict(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if not tensors:
         raise ValueError("The model has no trainable tensors to export")
@@ -55,7 +57,7 @@ def trainable_tensors_from_saved_folder(folder: str | os.PathLike, model) -> dic
     for name in files:
         with safe_open(str(folder / name), framework="pt") as handle:
             for key in handle.keys():
-                if model.is_trainable_parameter(key):
+                if is_trainable_parameter(key):
                     tensors[key] = handle.get_tensor(key)
     return tensors
 

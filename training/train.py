@@ -394,6 +394,7 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
     from .collator import SalmonnDataCollator
     from .data import SalmonnTrainDataset
     from .export import TRAINABLE_EXPORT_NAME, export_from_saved_folder, load_trainable_export
+    from .trainable import freeze_for_training
     from .prompts import DEFAULT_STORY_PROMPT, PromptPool
     from .trainer import DatasetEpochCallback, SalmonnTrainer, preprocess_logits_for_accuracy, token_accuracy
 
@@ -414,12 +415,12 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
     load_kwargs = dict(trust_remote_code=True, revision=model_args.revision, cache_dir=model_args.cache_dir)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **load_kwargs)
     model = AutoModel.from_pretrained(model_args.model_name_or_path, dtype=dtype, **load_kwargs)
-    for needed in ("trainable_state_dict", "set_lora_scaling", "is_trainable_parameter"):
+    for needed in ("get_audio_features", "set_lora_scaling"):
         if not hasattr(model, needed):
             raise ValueError(f"{model_args.model_name_or_path!r} is not a SALMONN model ({type(model).__name__} has no {needed})")
     if model_args.init_trainable_from:
         load_trainable_export(model, model_args.init_trainable_from)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = freeze_for_training(model)
     logger.info("Trainable parameters: %s of %s", f"{trainable:,}", f"{sum(p.numel() for p in model.parameters()):,}")
 
     if salmonn_args.stage == "activation":
