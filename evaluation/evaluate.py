@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
+from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, read_audio
 from salmonn.extras import missing_extra_message
 from salmonn.inference.options import DatasetArguments, row_audio
 
@@ -42,8 +43,6 @@ from .tasks import METRIC_LABELS, TASKS, TaskSpec, get_task, paper_values, score
 logger = logging.getLogger(__name__)
 
 AUDIO_MARKER = "<Speech><SpeechHere></Speech>"
-EXPAND_SILENCE_SAMPLES = 1600  # the original inserts 1600 zero samples (0.1 s at 16 kHz) between clips
-TARGET_SAMPLING_RATE = 16000
 
 
 @dataclass
@@ -500,20 +499,7 @@ def compare_markdown(path_a: str, path_b: str) -> str:
 
 def _load_joined_audio(item: dict):
     """Main audio + `expand_wav` files, channel 0, 16 kHz, joined by 0.1 s of silence (the original's layout)."""
-    import numpy as np
-    import soundfile as sf
-    import soxr
-
-    parts = []
-    for i, p in enumerate([item["audio"], *item["expand_wav"]]):
-        audio, sr = sf.read(p, dtype="float64", always_2d=True)
-        audio = audio[:, 0]
-        if sr != TARGET_SAMPLING_RATE:
-            audio = soxr.resample(audio, sr, TARGET_SAMPLING_RATE)
-        if i:
-            parts.append(np.zeros(EXPAND_SILENCE_SAMPLES))
-        parts.append(audio)
-    return np.concatenate(parts)
+    return join_with_silence([read_audio(path) for path in [item["audio"], *item["expand_wav"]]])[0]
 
 
 class _ModelItems:

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
 
-    import torch
     from transformers import AutoModel, AutoProcessor
+
+    from .engine import generate_answers
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = True
@@ -88,23 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
 
         if args.audio:
-            import soundfile
-
-            try:
-                waveform, sampling_rate = soundfile.read(args.audio, dtype="float32")
-            except Exception as err:
-                logger.error("Cannot read --audio %s: %s", args.audio, err)
-                return 2
+            item = {"audio": args.audio, "prompt": args.prompt}
             audio_name = args.audio
         else:
-            waveform, sampling_rate = synthesize_clip(), 16000
+            item = {"audio": synthesize_clip(), "sampling_rate": 16000, "prompt": args.prompt}
             audio_name = "a synthesised 2 s rising chirp (300 Hz to 3 kHz)"
-
-        prompt = processor.format_prompt(args.prompt)
-        inputs = processor(text=prompt, audio=waveform, sampling_rate=sampling_rate)
-        with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        answer = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        try:
+            (answer,) = generate_answers(
+                model, processor, [item], {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+            )
+        except ValueError as err:  # an unreadable or unusable --audio
+            logger.error("--audio %s: %s", args.audio, err)
+            return 2
 
     print(f"Model:  {args.model or 'built-in tiny SALMONN'}")
     print(f"Audio:  {audio_name}")

@@ -9,12 +9,12 @@ is produced.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +121,7 @@ def load_model_and_processor(
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize: expected one of {list(QUANTIZE_CHOICES)} or None, got {quantize!r}")
-    if lora_scaling is not None and (not math.isfinite(lora_scaling) or lora_scaling < 0):
-        raise ValueError(f"lora_scaling: expected a finite non-negative number, got {lora_scaling!r}")
+    check_lora_scaling(lora_scaling)
     torch_dtype = DTYPES[dtype]
     target = resolve_device(device) if device_map is None else None
 
@@ -164,43 +163,6 @@ def load_model_and_processor(
 # ------------------------------------------------------------------------------------------------ items
 
 
-def read_audio_file(path: str | Path, name: str, feature_extractor=None) -> tuple[np.ndarray, int]:
-    """
-    Decodes an audio file with soundfile (float64, all channels); unreadable files raise `ValueError`. With a
-    `feature_extractor`, the length in the file's header is checked against its `max_audio_seconds` before
-    anything is decoded, so a too-long file is refused without filling the memory.
-    """
-    import soundfile
-
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{name}: audio file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{name}: {str(path)!r} is a folder, not an audio file")
-    if not path.is_file():
-        raise ValueError(f"{name}: {str(path)!r} is not a regular file (a device, pipe or socket), not an audio file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{name}: audio file {str(path)!r} is empty (0 bytes)")
-
-    def undecodable(err: Exception) -> ValueError:  # soundfile raises its own error types for corrupt files
-        return ValueError(
-            f"{name}: cannot decode audio file {str(path)!r} (corrupt, or a format libsndfile does not read: "
-            f"use WAV, FLAC, OGG or MP3): {err}"
-        )
-
-    try:
-        info = soundfile.info(str(path))
-    except Exception as err:
-        raise undecodable(err) from err
-    if feature_extractor is not None and hasattr(feature_extractor, "check_duration") and info.samplerate > 0:
-        feature_extractor.check_duration(info.frames / info.samplerate, name)
-    try:
-        data, rate = soundfile.read(str(path), dtype="float64", always_2d=False)
-    except Exception as err:
-        raise undecodable(err) from err
-    return data, rate
-
-
 def item_name(item: dict, index: int) -> str:
     """How errors refer to an item: its id, else its audio path, else its position."""
     if item.get("id") is not None:
@@ -212,10 +174,11 @@ def item_name(item: dict, index: int) -> str:
 
 @dataclass
 class PreparedItem:
-    """An item whose audio is decoded, validated and resampled to 16 kHz, with its full prompt text."""
+    """An item whose audio is decoded, validated and resampled to 16 kHz (mono float64), with its full prompt text."""
 
     prompt_text: str
     waveforms: list[np.ndarray]
+    truncation: bool = False
 
 
 def build_prompt(processor, instruction: str, num_audios: int, name: str) -> str:
@@ -239,8 +202,11 @@ def build_prompt(processor, instruction: str, num_audios: int, name: str) -> str
     )
 
 
-def prepare_item(processor, item: dict, index: int = 0) -> PreparedItem:
-    """Loads and validates one item; every problem is a `ValueError` that names the item."""
+def prepare_item(processor, item: dict, index: int = 0, truncation: bool = False) -> PreparedItem:
+    """
+    Loads and validates one item; every problem is a `ValueError` that names the item. With `truncation` only the
+    first 30 s of each audio are kept (the original's behaviour) instead of encoding longer audio as 30 s segments.
+    """
     if not isinstance(item, dict):
         raise ValueError(f"items[{index}]: expected a dict with 'audio' and 'prompt', got {type(item).__name__}")
     name = item_name(item, index)
@@ -259,45 +225,47 @@ def prepare_item(processor, item: dict, index: int = 0) -> PreparedItem:
     for k, audio in enumerate(audios):
         audio_name = name if len(audios) == 1 else f"{name} audio[{k}]"
         if isinstance(audio, (str, Path)):
-            data, rate = read_audio_file(audio, audio_name, feature_extractor)
+            data, rate = feature_extractor.read_audio_file(audio, audio_name, truncation=truncation)
         else:
             data, rate = audio, item.get("sampling_rate")
             if rate is None:
                 raise ValueError(f"{audio_name}: an array audio needs 'sampling_rate' (Hz)")
-        segments = feature_extractor.to_segments(data, sampling_rate=rate, name=audio_name)
-        # The 16 kHz segments back to back: the processor cuts them again into the same segments.
-        waveforms.append(np.concatenate(segments))
+        # Checked and resampled once here, so a bad item fails alone; the processor segments it in its batch.
+        waveforms.append(feature_extractor.prepare_audio(data, sampling_rate=rate, truncation=truncation, name=audio_name))
     prompt_text = build_prompt(processor, item["prompt"], len(waveforms), name)
-    return PreparedItem(prompt_text=prompt_text, waveforms=waveforms)
-
-
-def _without_length_limit(processor):
-    """
-    A shallow copy of `processor` whose feature extractor has no `max_audio_seconds`: prepared items were checked
-    against the limit at their own sampling rate, and the zero padding of a short last segment must not make their
-    16 kHz re-cut fail it.
-    """
-    if processor.feature_extractor.max_audio_seconds is None:
-        return processor
-    feature_extractor = copy.copy(processor.feature_extractor)
-    feature_extractor.max_audio_seconds = None
-    clone = copy.copy(processor)
-    clone.feature_extractor = feature_extractor
-    return clone
+    return PreparedItem(prompt_text=prompt_text, waveforms=waveforms, truncation=truncation)
 
 
 def build_inputs(model, processor, prepared: list[PreparedItem]):
-    """One left-padded batch on the model's device, audio features in the encoders' dtype."""
+    """One left-padded batch on the model's device (the model runs each encoder in its own dtype)."""
     texts = [p.prompt_text for p in prepared]
     audios = [w for p in prepared for w in p.waveforms]
-    processor = _without_length_limit(processor)
-    inputs = processor(text=texts, audio=audios or None, sampling_rate=processor.feature_extractor.sampling_rate)
-    device = model.device
-    audio_dtype = model.model.speech_encoder.conv1.weight.dtype
-    return {
-        key: value.to(device=device, dtype=audio_dtype) if value.is_floating_point() else value.to(device)
-        for key, value in inputs.items()
-    }
+    inputs = processor(
+        text=texts,
+        audio=audios or None,
+        sampling_rate=processor.feature_extractor.sampling_rate,
+        truncation=any(p.truncation for p in prepared),
+    )
+    return inputs.to(model.device)
+
+
+def check_lora_scaling(value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ValueError(f"The LoRA scaling (lora_scaling) must be a finite non-negative number, got {value!r}")
+    return value
+
+
+@contextmanager
+def lora_scaled(model, value: float | None):
+    """The paper's test-time LoRA discount for the duration of a block (`None`: leave the model's scaling)."""
+    if check_lora_scaling(value) is None:
+        yield
+        return
+    previous = model.set_lora_scaling(float(value))
+    try:
+        yield
+    finally:
+        model.set_lora_scaling(previous)
 
 
 def _generate(model, processor, prepared: list[PreparedItem], generation_kwargs: dict | None) -> list[str]:
@@ -311,7 +279,9 @@ def _generate(model, processor, prepared: list[PreparedItem], generation_kwargs:
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def generate_answers(model, processor, items: list[dict], generation_kwargs: dict | None = None) -> list[str]:
+def generate_answers(
+    model, processor, items: list[dict], generation_kwargs: dict | None = None, truncation: bool = False
+) -> list[str]:
     """
     Answers `items` in one batched `generate` call; row i of the batch gives what item i alone would give.
 
@@ -321,38 +291,94 @@ def generate_answers(model, processor, items: list[dict], generation_kwargs: dic
     """
     if not items:
         return []
-    prepared = [prepare_item(processor, item, i) for i, item in enumerate(items)]
+    prepared = [prepare_item(processor, item, i, truncation=truncation) for i, item in enumerate(items)]
     return _generate(model, processor, prepared, generation_kwargs)
+
+
+@dataclass
+class StreamUpdate:
+    """One step of a streamed answer: the text so far and, on the last step, the generation's numbers."""
+
+    text: str
+    done: bool = False
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _stop_on(event: threading.Event):
+    from transformers import StoppingCriteria
+
+    class _StopOnEvent(StoppingCriteria):
+        """Ends generation early once the consumer of the stream has gone (a Stop button, a closed page)."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _StopOnEvent()
+
+
+def stream_generate(model, processor, inputs, generation_kwargs: dict | None = None) -> Iterator[StreamUpdate]:
+    """
+    Runs `generate` on one prompt's `inputs` in a thread and yields the answer as it grows, then a last update
+    (`done=True`) with the decoded answer, exactly as `processor.batch_decode(..., skip_special_tokens=True)` gives
+    it, stripped. Beam search cannot stream: with `num_beams > 1` only the last update comes. Closing the iterator
+    early ends `generate` at its next token.
+    """
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    kwargs = dict(generation_kwargs or {})
+    prompt_length = inputs["input_ids"].shape[1]
+    stop = threading.Event()
+    streamer = None
+    if kwargs.get("num_beams", model.generation_config.num_beams or 1) == 1:
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                result["ids"] = model.generate(
+                    **inputs, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_stop_on(stop)])
+                )
+            result["seconds"] = time.perf_counter() - start
+        except BaseException as err:  # handed to the caller's thread below
+            result["error"] = err
+            if streamer is not None:
+                streamer.end()  # unblocks the iteration; `generate` only ends the streamer on success
+
+    thread = threading.Thread(target=run, name="salmonn-generate", daemon=True)
+    thread.start()
+    try:
+        if streamer is not None:
+            text = ""
+            for piece in streamer:
+                text += piece
+                if text.strip():
+                    yield StreamUpdate(text=text.strip())
+        thread.join()
+    finally:
+        stop.set()  # the consumer stopped listening: let `generate` end at the next token
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    new_ids = result["ids"][:, prompt_length:]
+    answer = processor.batch_decode(new_ids, skip_special_tokens=True)[0].strip()
+    yield StreamUpdate(text=answer, done=True, new_tokens=int(new_ids.shape[1]), seconds=result["seconds"])
 
 
 def stream_answer(model, processor, item: dict, generation_kwargs: dict | None = None) -> Iterator[str]:
     """Yields the answer to one item piece by piece as `generate` produces it (greedy or sampling, no beams)."""
-    from transformers import TextIteratorStreamer
-
     generation_kwargs = dict(generation_kwargs or {})
     num_beams = generation_kwargs.setdefault("num_beams", 1)
     if num_beams != 1:
         raise ValueError(f"streaming needs num_beams=1 (transformers cannot stream beam search), got {num_beams}")
     inputs = build_inputs(model, processor, [prepare_item(processor, item)])
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failure: list[BaseException] = []
-
-    def work():
-        try:
-            with torch.inference_mode():
-                model.generate(**inputs, **generation_kwargs, streamer=streamer)
-        except BaseException as err:  # surfaced in the caller's thread below
-            failure.append(err)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        yield from streamer
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    sent = ""
+    for update in stream_generate(model, processor, inputs, generation_kwargs):
+        if not update.done and update.text.startswith(sent):
+            yield update.text[len(sent) :]
+            sent = update.text
 
 
 # ------------------------------------------------------------------------------------------------ many items
@@ -442,8 +468,10 @@ __all__ = [
     "load_model_and_processor",
     "prepare_item",
     "quantize_llm_int8",
-    "read_audio_file",
     "resolve_device",
     "run_items",
+    "check_lora_scaling",
+    "lora_scaled",
     "stream_answer",
+    "stream_generate",
 ]

@@ -11,22 +11,20 @@ new conversation. The page never needs the internet; `--share` (off by default) 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import HfArgumentParser
 
+from .engine import DTYPES, StreamUpdate, check_lora_scaling, load_model_and_processor, lora_scaled, stream_generate
+
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 # One generation at a time per process: the LoRA scaling is a property of the shared model, set per request.
 _GENERATE_LOCK = threading.Lock()
@@ -130,30 +128,6 @@ def generation_kwargs(
     return kwargs
 
 
-def _stop_on(event: threading.Event):
-    from transformers import StoppingCriteria
-
-    class _StopOnEvent(StoppingCriteria):
-        """Ends generation early when the page's Stop button (or a closed connection) cancels the answer."""
-
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return _StopOnEvent()
-
-
-@dataclass
-class AnswerUpdate:
-    """One step of a streamed answer: the text so far and, on the last step, the generation's numbers."""
-
-    text: str
-    done: bool = False
-    new_tokens: int = 0
-    seconds: float = 0.0
-
-
 def stream_answer(
     model,
     processor,
@@ -163,83 +137,29 @@ def stream_answer(
     generation_kwargs: dict | None = None,
     lora_scaling: float | None = None,
     seed: int | None = None,
-) -> Iterator[AnswerUpdate]:
+) -> Iterator[StreamUpdate]:
     """
-    Answers `question` about `audio` (a file path) after `history`, yielding the answer as it grows.
-
-    `generate` runs in a thread and feeds a `TextIteratorStreamer` (beam search cannot stream: then the answer
-    comes whole). The last update's text is the decoded new ids, exactly as `processor.batch_decode(...,
-    skip_special_tokens=True)` gives them, stripped. `lora_scaling` applies to this answer only. Bad input (empty
-    question, unreadable audio, bad settings) raises `ValueError` here, before anything is generated.
+    Answers `question` about `audio` (a file path) after `history`, yielding the answer as it grows (see
+    `engine.stream_generate`; beam search cannot stream, then the answer comes whole). `lora_scaling` applies to
+    this answer only. Bad input (empty question, unreadable audio, bad settings) raises `ValueError` here, before
+    anything is generated.
     """
     if not question or not question.strip():
         raise ValueError("The question is empty: type what you want to know about the audio")
-    kwargs = dict(generation_kwargs or {})
-    if lora_scaling is not None and (not math.isfinite(lora_scaling) or lora_scaling < 0):
-        raise ValueError(f"The LoRA scaling must be a finite non-negative number, got {lora_scaling}")
-
+    check_lora_scaling(lora_scaling)
     conversation = build_conversation(history, question, with_audio=audio is not None)
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=prompt, audio=audio)
-    inputs = inputs.to(model.device)
-    for name in ("input_features", "input_values"):
-        if name in inputs:
-            inputs[name] = inputs[name].to(model.dtype)
-    return _stream(model, processor, inputs, kwargs, lora_scaling, seed)
+    inputs = processor(text=prompt, audio=audio).to(model.device)
+    return _one_at_a_time(model, processor, inputs, generation_kwargs, lora_scaling, seed)
 
 
-def _stream(model, processor, inputs, kwargs: dict, lora_scaling: float | None, seed: int | None):
+def _one_at_a_time(model, processor, inputs, generation_kwargs, lora_scaling, seed) -> Iterator[StreamUpdate]:
     import torch
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    prompt_length = inputs["input_ids"].shape[1]
-    stop = threading.Event()
-    streamer = None
-    if kwargs.get("num_beams", model.generation_config.num_beams or 1) == 1:
-        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        with _GENERATE_LOCK:
-            previous = model.set_lora_scaling(float(lora_scaling)) if lora_scaling is not None else None
-            try:
-                if seed is not None:
-                    torch.manual_seed(int(seed))
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    result["ids"] = model.generate(
-                        **inputs, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_stop_on(stop)])
-                    )
-                result["seconds"] = time.perf_counter() - start
-            except BaseException as err:  # handed to the caller's thread below
-                result["error"] = err
-                if streamer is not None:
-                    streamer.end()  # unblocks the iteration; `generate` only ends the streamer on success
-            finally:
-                if previous is not None:
-                    model.set_lora_scaling(previous)
-
-    thread = threading.Thread(target=run, name="salmonn-generate", daemon=True)
-    thread.start()
-    try:
-        if streamer is not None:
-            text = ""
-            for piece in streamer:
-                text += piece
-                if text.strip():
-                    yield AnswerUpdate(text=text.strip())
-        thread.join()
-    finally:
-        stop.set()  # the caller stopped listening (Stop button, closed page): let `generate` end at the next token
-        thread.join()
-    if "error" in result:
-        raise result["error"]
-    new_ids = result["ids"][:, prompt_length:]
-    answer = processor.batch_decode(new_ids, skip_special_tokens=True)[0].strip()
-    yield AnswerUpdate(text=answer, done=True, new_tokens=int(new_ids.shape[1]), seconds=result["seconds"])
-
-
-# -- page ------------------------------------------------------------------------------------------------------
+    with _GENERATE_LOCK, lora_scaled(model, lora_scaling):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        yield from stream_generate(model, processor, inputs, generation_kwargs)
 
 
 def web_error_message(err: Exception, audio: str | None) -> str:
@@ -408,27 +328,6 @@ def build_demo(model, processor, model_name: str | None = None):
         # The model sees the audio in the first user turn: another audio means another conversation.
         audio.change(new_conversation, None, [chatbot, status], queue=False)
     return demo
-
-
-def load_model_and_processor(model_name_or_path: str, dtype: str = "float32", device: str = "auto"):
-    """SALMONN and its processor through the Auto classes (remote code), in `dtype` on `device`."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a torch device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asks for CUDA, but this torch sees no CUDA GPU")
-    model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True, dtype=getattr(torch, dtype))
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
-    return model, processor
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,6 +89,60 @@ def kaldi_num_frames(num_samples: int) -> int:
     if num_samples < KALDI_FRAME_LENGTH:
         return 0
     return 1 + (num_samples - KALDI_FRAME_LENGTH) // KALDI_FRAME_SHIFT
+
+
+def check_audio_path(path: str | os.PathLike, name: str) -> None:
+    """Says why `path` cannot be an audio file (missing, a folder, a device, empty), naming the audio."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: audio file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder, not an audio file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: {path!r} is not a regular file (a device, pipe or socket), not an audio file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{name}: audio file {path!r} is empty (0 bytes)")
+
+
+def decode_audio_file(
+    source: str | os.PathLike | bytes,
+    name: str = "audio",
+    first_seconds: float | None = None,
+    check_duration=None,
+) -> tuple[np.ndarray, int]:
+    """
+    The package's one audio-file reader (soundfile; float64, all channels, at the file's rate). The length in the
+    header is checked (`check_duration(seconds, name)`) before anything is decoded, and with `first_seconds` only
+    that much is read, so a long file never fills the memory. `source` is a path or the encoded bytes of a file.
+    """
+    import soundfile
+
+    if isinstance(source, bytes):
+        label, opened = "<bytes>", lambda: io.BytesIO(source)
+    else:
+        check_audio_path(source, name)
+        label, opened = os.fspath(source), lambda: os.fspath(source)
+
+    def undecodable(err: Exception) -> ValueError:  # soundfile raises its own error types for corrupt files
+        return ValueError(
+            f"{name}: cannot decode audio file {label!r} (corrupt, or a format libsndfile does not read: use WAV, "
+            f"FLAC, OGG or MP3): {err}"
+        )
+
+    try:
+        info = soundfile.info(opened())
+    except Exception as err:
+        raise undecodable(err) from err
+    if check_duration is not None and info.samplerate > 0:
+        check_duration(info.frames / info.samplerate, f"{name} ({label!r})")
+    frames = -1 if first_seconds is None else int(math.ceil(first_seconds * info.samplerate))
+    try:
+        data, rate = soundfile.read(opened(), frames=frames, dtype="float64", always_2d=False)
+    except Exception as err:
+        raise undecodable(err) from err
+    if data.size == 0:
+        raise ValueError(f"{name}: audio file {label!r} holds no samples")
+    return data, int(rate)
 
 
 class SalmonnFeatureExtractor(SequenceFeatureExtractor):
@@ -247,21 +303,32 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
             ) from err
         return np.asarray(soxr.resample(audio, sampling_rate, self.sampling_rate, quality="HQ"), dtype=np.float64)
 
-    def to_segments(
+    def read_audio_file(self, source: str | os.PathLike | bytes, name: str = "audio", truncation: bool = False):
+        """
+        Decodes an audio file (see `decode_audio_file`): its header's length is checked against
+        `max_audio_seconds` first, and with `truncation` only the first 30 s (plus the resampling margin) are read.
+        """
+        if truncation:
+            return decode_audio_file(source, name, first_seconds=self.chunk_length + 1)
+        return decode_audio_file(source, name, check_duration=self.check_duration)
+
+    def prepare_audio(
         self,
         audio,
         sampling_rate: int | None = None,
         truncation: bool = False,
         name: str = "audio",
-    ) -> list[np.ndarray]:
+    ) -> np.ndarray:
         """
-        Validates one audio and cuts it into the float64 16 kHz segments that `extract` turns into features.
+        Validates one audio and returns it as the float64 16 kHz mono waveform that `to_segments` cuts: what a
+        batch tool checks item by item before it hands the audio to the processor.
 
         Args:
             audio: a 1-D waveform or a `[samples, channels]` array (numpy, torch or list); float in [-1, 1] or
                 integer PCM.
             sampling_rate: rate of `audio`; `None` assumes 16 kHz (with a warning).
-            truncation: keep only the first 30 s (the original's behaviour) instead of consecutive 30 s segments.
+            truncation: keep only the first 30 s (the original's behaviour) instead of refusing audio longer than
+                `max_audio_seconds`.
             name: how errors refer to this audio.
         """
         if sampling_rate is None:
@@ -277,23 +344,28 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         sampling_rate = int(sampling_rate)
 
         audio = self._as_mono_float64(audio, name)
-
-        seconds = audio.shape[0] / sampling_rate
         if truncation:
             # Resampling only needs the first 30 s plus a margin for the resampling filter.
-            keep = int(math.ceil((self.chunk_length + 1) * sampling_rate))
-            audio = audio[:keep]
+            audio = audio[: int(math.ceil((self.chunk_length + 1) * sampling_rate))]
         else:
-            self.check_duration(seconds, name)
-
+            self.check_duration(audio.shape[0] / sampling_rate, name)
         if sampling_rate != self.sampling_rate:
             audio = self._resample(audio, sampling_rate, name)
+        return audio[: self.n_samples] if truncation else audio
 
-        if truncation:
-            segments = [audio[: self.n_samples]]
-        else:
-            segments = [audio[start : start + self.n_samples] for start in range(0, audio.shape[0], self.n_samples)]
-
+    def to_segments(
+        self,
+        audio,
+        sampling_rate: int | None = None,
+        truncation: bool = False,
+        name: str = "audio",
+    ) -> list[np.ndarray]:
+        """
+        Validates one audio (see `prepare_audio`) and cuts it into the float64 16 kHz segments of at most 30 s that
+        `extract` turns into features; segments shorter than `min_seconds` are zero-padded to it.
+        """
+        audio = self.prepare_audio(audio, sampling_rate=sampling_rate, truncation=truncation, name=name)
+        segments = [audio[start : start + self.n_samples] for start in range(0, audio.shape[0], self.n_samples)]
         min_samples = int(round(self.min_seconds * self.sampling_rate))
         return [
             np.pad(segment, (0, min_samples - segment.shape[0])) if segment.shape[0] < min_samples else segment
@@ -424,4 +496,4 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         return self.extract(segments, return_tensors=return_tensors, device=device)
 
 
-__all__ = ["SalmonnFeatureExtractor"]
+__all__ = ["SalmonnFeatureExtractor", "check_audio_path", "decode_audio_file"]

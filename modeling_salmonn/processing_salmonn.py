@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .feature_extraction_salmonn import SalmonnFeatureExtractor
+from .feature_extraction_salmonn import SalmonnFeatureExtractor, check_audio_path
 
 
 AUDIO_TOKEN = "<audio>"
@@ -125,42 +125,9 @@ class SalmonnProcessor(ProcessorMixin):
         return out
 
     def _load_audio(self, audio, sampling_rate: int | None, truncation: bool = False, name: str = "audio"):
-        """
-        A file is checked against `max_audio_seconds` from its header before it is decoded, and with `truncation`
-        only the first 30 s (plus the resampling margin) are read, so a long file never fills the memory.
-        """
-        if isinstance(audio, str):
-            try:
-                import soundfile
-            except ImportError as err:  # pragma: no cover - soundfile is a dependency of the package
-                raise ImportError("Reading audio files needs the `soundfile` package") from err
-            try:
-                info = soundfile.info(audio)
-            except Exception as err:
-                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
-            frames = -1
-            if truncation:
-                frames = int(math.ceil((self.feature_extractor.chunk_length + 1) * info.samplerate))
-            else:
-                self.feature_extractor.check_duration(info.frames / info.samplerate, f"{name} ({audio!r})")
-            try:
-                data, file_rate = soundfile.read(audio, frames=frames, dtype="float64")
-            except Exception as err:
-                raise ValueError(f"Cannot read audio file {audio!r} ({name}): {err}") from err
-            return data, file_rate
+        if isinstance(audio, (str, os.PathLike)):
+            return self.feature_extractor.read_audio_file(audio, name, truncation=truncation)
         return audio, sampling_rate
-
-    @staticmethod
-    def _check_audio_paths(audios: list) -> None:
-        """Paths that are not audio files are named before anything else is checked."""
-        for k, item in enumerate(audios):
-            if isinstance(item, str) and not os.path.isfile(item):
-                what = "is a folder" if os.path.isdir(item) else "is not a regular file"
-                if not os.path.exists(item):
-                    what = "does not exist"
-                raise ValueError(
-                    f"Cannot read audio file {item!r} (audio[{k}]): it {what}; give an audio file, an array or a tensor"
-                )
 
     def __call__(
         self,
@@ -202,7 +169,10 @@ class SalmonnProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings")
         audios = [] if audio is None else _as_list_of_audio(audio)
-        self._check_audio_paths(audios)
+        # Paths that are not audio files are named before the markers are counted.
+        for k, item in enumerate(audios):
+            if isinstance(item, (str, os.PathLike)):
+                check_audio_path(item, f"audio[{k}]")
 
         marker_counts = [t.count(self.audio_marker) for t in texts]
         if audios:

@@ -13,7 +13,6 @@ import pytest
 
 from salmonn.evaluation import metrics
 from salmonn.evaluation.evaluate import (
-    EXPAND_SILENCE_SAMPLES,
     _load_joined_audio,
     build_prompt,
     load_manifest,
@@ -364,8 +363,8 @@ def test_expand_wav_is_joined_with_the_original_silence(tmp_path):
     sf.write(tmp_path / "a.wav", a, 16000, subtype="FLOAT")
     sf.write(tmp_path / "b.wav", b, 8000, subtype="FLOAT")
     joined = _load_joined_audio({"audio": str(tmp_path / "a.wav"), "expand_wav": [str(tmp_path / "b.wav")]})
-    assert joined.shape == (16000 + EXPAND_SILENCE_SAMPLES + 16000,)
-    assert np.allclose(joined[:16000], 0.25) and np.all(joined[16000 : 16000 + EXPAND_SILENCE_SAMPLES] == 0)
+    assert joined.shape == (16000 + 1600 + 16000,)
+    assert np.allclose(joined[:16000], 0.25) and np.all(joined[16000 : 16000 + 1600] == 0)
     assert np.allclose(joined[-12000:-4000], 0.5, atol=1e-3)  # channel 0, resampled (edges ring a little)
 
 

@@ -281,7 +281,8 @@ def test_activation_stage_writes_stories_with_discounted_lora_then_trains_on_the
     from transformers import AutoModel, AutoProcessor
 
     from salmonn.training.activation import STORIES_FILE, generate_answers
-    from salmonn.training.data import load_manifest, read_audio
+    from salmonn.audio import read_audio
+    from salmonn.training.data import load_manifest
     from salmonn.training.prompts import DEFAULT_STORY_PROMPT
 
     base, manifest = tiny_run["base"], tiny_run["manifest"]

@@ -258,7 +258,7 @@ def test_main_loads_and_launches_as_told(checkpoint, monkeypatch, tmp_path, capl
     assert "Cannot load --model" in caplog.text
     caplog.clear()
     assert main(["--model", str(checkpoint), "--device", "gpu"]) == 2
-    assert "--device 'gpu' is not a torch device" in caplog.text
+    assert "--device gpu): device: 'gpu' is not a torch device" in caplog.text
     assert not launched
 
 

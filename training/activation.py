@@ -12,8 +12,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
+
+from salmonn.inference import engine
 
 from .data import SalmonnTrainDataset
 from .prompts import validate_prompt
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 STORIES_FILE = "activation_stories.json"
 
 
-@torch.no_grad()
 def generate_answers(
     model,
     processor,
@@ -36,41 +36,21 @@ def generate_answers(
     progress: bool = True,
 ) -> list[str]:
     """
-    Greedy/beam answers to `prompt` (with its `<SpeechHere>` marker) for each `(audio, sampling_rate)`, with the LoRA
-    scaling set to `lora_scaling` for the duration; the model's scaling and train/eval mode are restored afterwards.
+    Answers to `prompt` (with its `<SpeechHere>` marker) for each `(audio, sampling_rate)`, first 30 s only as in
+    training, with the LoRA scaling set to `lora_scaling` for the duration; the model's scaling and train/eval mode
+    are restored afterwards.
     """
     validate_prompt(prompt, "story prompt")
-    text = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    items = [{"audio": audio, "sampling_rate": rate, "prompt": prompt} for audio, rate in audios]
     was_training = model.training
-    previous = model.set_lora_scaling(lora_scaling) if lora_scaling is not None else None
     model.eval()
     answers: list[str] = []
-    device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(audios), batch_size), desc="Generating stories", disable=not progress):
-            chunk = audios[start : start + batch_size]
-            rates = {rate for _, rate in chunk}
-            if len(rates) > 1:
-                from .data import resample
-
-                chunk = [(resample(audio, rate), 16000) for audio, rate in chunk]
-            inputs = processor(
-                text=[text] * len(chunk),
-                audio=[audio for audio, _ in chunk],
-                sampling_rate=chunk[0][1],
-                truncation=True,
-                padding_side="left",
-            ).to(device)
-            dtype = next(model.parameters()).dtype
-            for name in ("input_features", "input_values"):
-                if name in inputs and inputs[name].is_floating_point():
-                    inputs[name] = inputs[name].to(dtype)
-            ids = model.generate(**inputs, **(generation_kwargs or {}))
-            new_tokens = ids[:, inputs["input_ids"].shape[1] :]
-            answers.extend(a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True))
+        with engine.lora_scaled(model, lora_scaling):
+            for start in tqdm(range(0, len(items), batch_size), desc="Generating stories", disable=not progress):
+                chunk = items[start : start + batch_size]
+                answers.extend(engine.generate_answers(model, processor, chunk, generation_kwargs, truncation=True))
     finally:
-        if previous is not None:
-            model.set_lora_scaling(previous)
         model.train(was_training)
     return answers
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import TARGET_SAMPLING_RATE, resample
+from salmonn.audio import TARGET_SAMPLING_RATE, resample
 from .prompts import validate_prompt
 
 

@@ -10,7 +10,6 @@ are skipped with one warning that counts them (or raise with `strict=True`), an 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -22,35 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from salmonn.audio import join_with_silence, read_audio
+
 from .prompts import PromptPool
 
 
 logger = logging.getLogger(__name__)
 
-TARGET_SAMPLING_RATE = 16000
-# The original puts 0.1 s of silence (1600 samples at 16 kHz) between the clips of `expand_wav`.
-EXPAND_SILENCE_SECONDS = 0.1
 ITEM_KEYS = ("id", "path", "array", "sampling_rate", "text", "task", "Q", "expand_wav")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # audio
-
-
-def read_audio(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
-    """Reads a file (or encoded bytes) with soundfile as float64; keeps channel 0 of multi-channel audio, as the original."""
-    import soundfile
-
-    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
-    try:
-        data, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float64")
-    except Exception as err:  # soundfile raises several types (LibsndfileError, RuntimeError, TypeError)
-        raise ValueError(f"Cannot read audio {name!r}: {err}") from err
-    if data.ndim == 2:
-        data = data[:, 0]
-    if data.size == 0:
-        raise ValueError(f"Audio {name!r} is empty")
-    return np.ascontiguousarray(data), int(rate)
 
 
 # Float audio lies in [-1, 1]; samples beyond this are a wrong scale or garbage, and make the loss overflow.
@@ -66,27 +48,6 @@ def check_samples(audio: np.ndarray, name: str) -> np.ndarray:
     if peak > MAX_ABS_AMPLITUDE:
         raise ValueError(f"Audio {name!r} has samples up to {peak:.3g}; float audio must lie in [-1, 1]")
     return audio
-
-
-def resample(audio: np.ndarray, rate: int, target: int = TARGET_SAMPLING_RATE) -> np.ndarray:
-    if rate == target:
-        return audio
-    import soxr
-
-    return soxr.resample(audio, rate, target)
-
-
-def concatenate_with_silence(parts: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
-    """Joins clips with 0.1 s of silence between them (`expand_wav`); clips at different rates meet at 16 kHz."""
-    rates = {rate for _, rate in parts}
-    rate = rates.pop() if len(rates) == 1 else TARGET_SAMPLING_RATE
-    gap = np.zeros(int(round(EXPAND_SILENCE_SECONDS * rate)), dtype=np.float64)
-    pieces: list[np.ndarray] = []
-    for k, (audio, part_rate) in enumerate(parts):
-        if k:
-            pieces.append(gap)
-        pieces.append(resample(np.asarray(audio, dtype=np.float64), part_rate, rate))
-    return np.concatenate(pieces), rate
 
 
 def _audio_problem(path: str) -> str | None:
@@ -430,7 +391,7 @@ class SalmonnTrainDataset(torch.utils.data.Dataset):
         parts = [read_audio(p) for p in item["expand_wav"]]
         for path, (audio, _) in zip(item["expand_wav"], parts):
             check_samples(audio, path)
-        return concatenate_with_silence([main] + parts)
+        return join_with_silence([main] + parts)
 
     def __getitem__(self, index: int) -> dict | None:
         try:
