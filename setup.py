@@ -39,7 +39,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "playwright>=1.45"],
         "train": ["datasets>=3"],
-        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4"],
+        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4", "nltk>=3.9"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=6,<7"],
     },
