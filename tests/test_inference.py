@@ -314,7 +314,8 @@ def test_half_precision_load_and_generate_on_cpu(checkpoint, dtype):
     with torch.no_grad():
         reference = model32.get_audio_features(**{k: inputs32[k] for k in AUDIO_KEYS})
         half = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).float()
-    assert float((half - reference).norm() / reference.norm()) < 0.05
+    # README: bf16 audio tokens within 0.31% (relative L2) of float32; here 0.12% (bf16) and 0.0005% (fp16).
+    assert float((half - reference).norm() / reference.norm()) < 2 * 0.0031
     answers = engine.generate_answers(model, processor, [item, item], {"max_new_tokens": 4, "num_beams": 2})
     assert len(answers) == 2 and answers[0] == answers[1]
 
@@ -350,7 +351,8 @@ def test_quanto_int8_quantizes_the_language_model_only(checkpoint):
     with torch.no_grad():
         logits = model(**inputs).logits.float()
         reference = model32(**inputs).logits
-    assert 0 < float((logits - reference).norm() / reference.norm()) < 0.05
+    # README: int8 prompt logits within 2.7% relative error of float32 (mid-size model); here 1.0%.
+    assert 0 < float((logits - reference).norm() / reference.norm()) < 0.027
     assert len(engine.generate_answers(model, processor, [item], {"max_new_tokens": 3, "num_beams": 1})) == 1
 
 

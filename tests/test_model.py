@@ -287,7 +287,8 @@ def test_attention_implementations_and_half_precision_load(tmp_path):
     assert model.dtype == torch.bfloat16
     with torch.no_grad():
         half = model(**inputs).logits.float()
-    assert (half - logits["sdpa"]).abs().max() < 0.5
+    # Relative L2 of the bf16 logits: 0.87% on this model (the logits span about +-0.6, so an absolute bound says little).
+    assert float((half - logits["sdpa"]).norm() / logits["sdpa"].norm()) < 0.02
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for n, p in model.named_parameters() if SalmonnForConditionalGeneration.is_trainable_parameter(n)
     )
