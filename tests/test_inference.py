@@ -649,6 +649,7 @@ def test_benchmark_scripts_run_on_the_tiny_model(capsys):
     assert "batch 2: speed-up over one-by-one" in out and "[cpu int8 LLM] LLM weights" in out and "tokens/s" in out
     assert "even free decoding would give a batch speed-up of at most" in out
     assert "(Q-Former, LayerNorms and projection in float32): relative error" in out
+    assert re.search(r"BEATs length grouping, 2 clips at batch 2: audio encoding [\d.]+ s -> [\d.]+ s, the whole batch [\d.]+ s -> [\d.]+ s", out)
     assert long_audio_benchmark(["--size", "tiny", "--durations", "30", "65"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith("Mi")]
     assert [(r[2], r[3]) for r in rows] == [("1", "88"), ("3", "264")]
