@@ -8,6 +8,7 @@ Optional metrics that cannot run here return `None` with a reason instead of dis
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -206,13 +207,14 @@ def _debian_lexnames() -> str | None:
         return None
     with gzip.open(DEBIAN_LEXNAMES_PAGE, "rt", encoding="utf-8", errors="replace") as handle:
         rows = re.findall(r"^(\d\d)\t\s*((noun|verb|adj|adv)\.\S+)", handle.read(), flags=re.MULTILINE)
-    if [int(number) for number, _, _ in rows] != list(range(len(rows))) or not rows:
+    if not rows or [int(number) for number, _, _ in rows] != list(range(len(rows))):
         return None
     return "".join(f"{number}\t{name}\t{_LEXNAME_CATEGORIES[kind]}\n" for number, name, kind in rows)
 
 
+@functools.lru_cache(maxsize=1)
 def debian_wordnet():
-    """NLTK's WordNet reader over Debian's WordNet 3.0 (`apt-get install wordnet-base`), or None without it."""
+    """NLTK's WordNet reader over Debian's WordNet 3.0 (`apt-get install wordnet-base`), or None without it (read once)."""
     import io
 
     lexnames = _debian_lexnames()
