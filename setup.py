@@ -38,7 +38,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "playwright>=1.45", "parameterized>=0.9"],
         "train": ["datasets>=3"],
-        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4", "whisper-normalizer>=0.1.12", "datasets>=3"],
+        "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4", "whisper-normalizer>=0.1.12", "nltk>=3.9", "datasets>=3"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=6,<7"],
     },

@@ -172,6 +172,34 @@ def run_suite(name: str, model, processor, items, args: BenchmarkArguments, batc
     return {"clips_per_s": results, "ttft": ttft, "tokens_per_s": rate}
 
 
+def grouping_profile(name: str, model, processor, items, new_tokens: int) -> None:
+    """
+    What grouping BEATs segments by length saves on one batch of all `items`: the audio encoding and the whole batch,
+    with the mask (similar lengths together) and without it (every clip padded to the longest, as without grouping).
+    """
+    import torch
+
+    from salmonn.inference.engine import build_inputs, prepare_item
+
+    inputs = build_inputs(model, processor, [prepare_item(processor, item) for item in items])
+    without_mask = {k: v for k, v in inputs.items() if k != "input_values_mask"}
+    audio_keys = ("input_features", "input_values", "input_values_mask")
+    seconds = {}
+    with torch.inference_mode():
+        for label, batch in (("padded", without_mask), ("grouped", inputs)):
+            start = time.perf_counter()
+            model.get_audio_features(**{k: batch[k] for k in audio_keys if k in batch})
+            encoded = time.perf_counter()
+            model.generate(**batch, **generation_kwargs(new_tokens))
+            seconds[label] = (encoded - start, time.perf_counter() - encoded)
+    (encode_padded, generate_padded), (encode_grouped, generate_grouped) = seconds["padded"], seconds["grouped"]
+    print(
+        f"[{name}] BEATs length grouping, {len(items)} clips at batch {len(items)}: audio encoding "
+        f"{encode_padded:.1f} s -> {encode_grouped:.1f} s, the whole batch {generate_padded:.1f} s -> {generate_grouped:.1f} s",
+        flush=True,
+    )
+
+
 def release_free_memory() -> None:
     """Returns freed heap memory to the system (glibc), so that RSS shows what is really still in use."""
     gc.collect()
@@ -244,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     run_suite("cpu float32", model, processor, items, args, args.batch_sizes)
+    grouping_profile("cpu float32", model, processor, items[: max(args.batch_sizes)], args.new_tokens)
     # Two clips, the probe of the precision comparisons below.
     from salmonn.inference.engine import build_inputs, prepare_item, quantize_llm_int8
 

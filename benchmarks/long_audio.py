@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ class LongAudioArguments:
     repeats: int = field(default=1, metadata={"help": "Each timing is the best of this many runs."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights and audio."})
+    row: bool = field(
+        default=False, metadata={"help": "Internal: measure the one duration in this process and print its row only."}
+    )
 
 
 def _best(function, repeats: int) -> tuple[float, object]:
@@ -42,11 +46,38 @@ def _best(function, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM on Linux, else ru_maxrss), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(LongAudioArguments).parse_args_into_dataclasses(args=argv)
     if any(d <= 0 for d in args.durations) or args.repeats < 1:
         raise SystemExit("--durations must be positive and --repeats at least 1")
+    if not args.row:
+        # Each row in a fresh process, so that its peak RSS is its own (a process's peak only ever grows).
+        print(f"model: {args.size}; each row measured in a fresh process (peak RSS: model and that input)", flush=True)
+        print(f"{'input':>8} {'segments':>8} {'tokens':>7} {'features/seg':>13} {'encode/seg':>11} {'prefill/seg':>12} {'total/seg':>10} {'peak RSS':>9}", flush=True)
+        common = ["--size", args.size, "--repeats", str(args.repeats), "--seed", str(args.seed), "--row", "true"]
+        if args.threads:
+            common += ["--threads", str(args.threads)]
+        for seconds in args.durations:
+            result = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--durations", str(seconds), *common],
+                capture_output=True, text=True, check=False,
+            )
+            if result.returncode != 0:
+                raise SystemExit(f"the {seconds} s row failed:\n{result.stderr}")
+            print(result.stdout, end="", flush=True)
+        return 0
 
     import torch
 
@@ -61,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, processor = build_midsize(seed=args.seed) if args.size == "mid" else build_tiny_model_and_processor(seed=args.seed)
     prompt = processor.format_prompt("Describe the audio.")
-    print(f"model: {args.size}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
-    print(f"{'input':>8} {'segments':>8} {'tokens':>7} {'features/seg':>13} {'encode/seg':>11} {'prefill/seg':>12} {'total/seg':>10} {'peak RSS':>9}", flush=True)
 
     # Warm-up on a short clip.
     warm = processor(text=prompt, audio=synthetic_clip(2.0, args.seed), sampling_rate=16000)
@@ -84,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             t_prefill, _ = _best(
                 lambda: model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], logits_to_keep=1), args.repeats
             )
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         total = t_features + t_encode + t_prefill
         label = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
         print(
             f"{label:>8} {segments:>8} {tokens:>7} {t_features / segments:>12.2f}s {t_encode / segments:>10.2f}s "
-            f"{t_prefill / segments:>11.3f}s {total / segments:>9.2f}s {peak_mib:>7.0f}Mi",
+            f"{t_prefill / segments:>11.3f}s {total / segments:>9.2f}s {_peak_rss_mib():>7.0f}Mi",
             flush=True,
         )
     return 0

@@ -29,8 +29,13 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def mid_size_model_and_processor(seed: int = 0):
-    """The shared mid-size SALMONN of the benchmarks (benchmarks/midsize.py), with fresh LoRA as training starts."""
+def mid_size_model_and_processor(seed: int = 0, size: str = "mid"):
+    """The shared mid-size SALMONN of the benchmarks (benchmarks/midsize.py), with fresh LoRA as training starts;
+    `size="tiny"`: the test suite's tiny model (smoke runs)."""
+    if size == "tiny":
+        from salmonn.inference.tiny import build_tiny_model_and_processor
+
+        return build_tiny_model_and_processor(seed=seed)
     from benchmarks.midsize import build_midsize
 
     model, processor = build_midsize(seed=seed)
@@ -113,13 +118,15 @@ class RssSampler:
         self.peak = max(self.peak, self.current())
 
 
-def measure(mode: str, steps: int, warmup: int, batch_size: int, checkpointing: bool, answer_words: int = 0) -> dict:
+def measure(
+    mode: str, steps: int, warmup: int, batch_size: int, checkpointing: bool, answer_words: int = 0, size: str = "mid"
+) -> dict:
     import torch
 
     from salmonn.training.trainer import SalmonnTrainer, salmonn_lr_lambda
 
     torch.manual_seed(0)
-    model, processor = mid_size_model_and_processor()
+    model, processor = mid_size_model_and_processor(size=size)
     batches, collate_seconds = make_batches(processor, batch_size, warmup + steps, answer_words)
     lr, wd = 3e-5, 0.05
     result = {"mode": mode, "gradient_checkpointing": checkpointing, "batch_size": batch_size, "steps": steps,
@@ -189,7 +196,7 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, checkpointing: 
 
 def _run_child(mode: str, checkpointing: bool, args) -> dict:
     cmd = [sys.executable, __file__, "--_child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch_size", str(args.batch_size), "--answer_words", str(args.answer_words)] + (["--_checkpointing"] if checkpointing else [])
+           "--batch_size", str(args.batch_size), "--answer_words", str(args.answer_words), "--size", args.size] + (["--_checkpointing"] if checkpointing else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
     if out.returncode != 0:
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=2, help="Clips per step.")
     parser.add_argument("--answer_words", type=int, default=150, help="Words per answer (long answers, as in stage 3).")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating plain/Trainer runs; the best of each is compared.")
+    parser.add_argument("--size", choices=["mid", "tiny"], default="mid", help="mid: the benchmarks' model; tiny: the test model.")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO_ROOT))
     if args._child:
         logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(measure(args._child, args.steps, args.warmup, args.batch_size, args._checkpointing, args.answer_words)))
+        print(json.dumps(measure(args._child, args.steps, args.warmup, args.batch_size, args._checkpointing, args.answer_words, args.size)))
         return 0
 
     runs = {"plain": [], "trainer": []}

@@ -8,6 +8,7 @@ Optional metrics that cannot run here return `None` with a reason instead of dis
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -178,20 +179,73 @@ def rouge_l(references: Sequence[Reference], hypotheses: Sequence[str], beta: fl
     return {"rouge_l": 100.0 * sum(scores) / len(scores) if scores else None, "beta": beta}
 
 
-def meteor_availability() -> str | None:
-    """None when NLTK and its WordNet data are installed locally, else why METEOR cannot run."""
-    try:
-        import nltk
-    except ImportError:
-        return "needs nltk (pip install nltk) and its WordNet data, which is not on PyPI"
-    try:
-        nltk.data.find("corpora/wordnet.zip")
-    except LookupError:
+# Debian's `wordnet-base` holds WordNet 3.0, the database NLTK downloads from outside PyPI; it lacks only the
+# `lexnames` index, whose table Debian ships in the lexnames(5) manual page.
+DEBIAN_WORDNET_DIR = "/usr/share/wordnet"
+DEBIAN_LEXNAMES_PAGE = "/usr/share/man/man5/lexnames.5WN.gz"
+_LEXNAME_CATEGORIES = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+
+
+def _nltk_wordnet_installed() -> bool:
+    import nltk
+
+    for resource in ("corpora/wordnet.zip", "corpora/wordnet"):
         try:
-            nltk.data.find("corpora/wordnet")
+            nltk.data.find(resource)
+            return True
         except LookupError:
-            return "NLTK's WordNet data is not installed (it is downloaded from outside PyPI; not done here)"
-    return None
+            pass
+    return False
+
+
+def _debian_lexnames() -> str | None:
+    """`lexnames` in NLTK's format (`NN name category`), from the table of Debian's lexnames(5) page."""
+    import gzip
+    import os
+
+    if not os.path.isfile(os.path.join(DEBIAN_WORDNET_DIR, "data.noun")) or not os.path.isfile(DEBIAN_LEXNAMES_PAGE):
+        return None
+    with gzip.open(DEBIAN_LEXNAMES_PAGE, "rt", encoding="utf-8", errors="replace") as handle:
+        rows = re.findall(r"^(\d\d)\t\s*((noun|verb|adj|adv)\.\S+)", handle.read(), flags=re.MULTILINE)
+    if not rows or [int(number) for number, _, _ in rows] != list(range(len(rows))):
+        return None
+    return "".join(f"{number}\t{name}\t{_LEXNAME_CATEGORIES[kind]}\n" for number, name, kind in rows)
+
+
+@functools.lru_cache(maxsize=1)
+def debian_wordnet():
+    """NLTK's WordNet reader over Debian's WordNet 3.0 (`apt-get install wordnet-base`), or None without it (read once)."""
+    import io
+
+    lexnames = _debian_lexnames()
+    if lexnames is None:
+        return None
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    # NLTK reads corpora only under its data paths: authorise this one folder explicitly.
+    if DEBIAN_WORDNET_DIR not in nltk.data.path:
+        nltk.data.path.append(DEBIAN_WORDNET_DIR)
+
+    class DebianWordNet(WordNetCorpusReader):
+        def open(self, fileid):
+            return io.StringIO(lexnames) if fileid == "lexnames" else super().open(fileid)
+
+        def map_wn(self, version="wordnet"):
+            return None  # this is WordNet 3.0 itself: nothing to map (the map serves only multilingual data)
+
+    return DebianWordNet(DEBIAN_WORDNET_DIR, None)
+
+
+def meteor_availability() -> str | None:
+    """None when NLTK and WordNet (NLTK's data or Debian's `wordnet-base`) are installed, else why METEOR cannot run."""
+    try:
+        import nltk  # noqa: F401
+    except ImportError:
+        return "needs nltk (pip install salmonn[eval]) and WordNet (apt-get install wordnet-base)"
+    if _nltk_wordnet_installed() or _debian_lexnames() is not None:
+        return None
+    return "WordNet is not installed: apt-get install wordnet-base (or NLTK's own WordNet data)"
 
 
 def meteor(references: Sequence[Reference], hypotheses: Sequence[str], wordnet: Any = None) -> dict[str, Any]:
@@ -205,7 +259,10 @@ def meteor(references: Sequence[Reference], hypotheses: Sequence[str], wordnet: 
         reason = meteor_availability()
         if reason:
             return {"meteor": None, "unavailable": reason}
-        from nltk.corpus import wordnet
+        if _nltk_wordnet_installed():
+            from nltk.corpus import wordnet
+        else:
+            wordnet = debian_wordnet()
     from nltk.translate.meteor_score import meteor_score
 
     scores = []

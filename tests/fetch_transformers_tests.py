@@ -80,6 +80,16 @@ def extract(sdist: Path, version: str, cache_dir: Path = CACHE_DIR) -> Path:
     return target
 
 
+def ensure_common_tests(cache_dir: Path = CACHE_DIR) -> Path:
+    """The cached tests of the installed transformers, fetched first if missing or of another version."""
+    version = transformers.__version__
+    marker = cache_dir / PACKAGE / "__init__.py"
+    if marker.is_file() and f'VERSION = "{version}"' in marker.read_text():
+        return cache_dir / PACKAGE
+    with tempfile.TemporaryDirectory() as tmp:
+        return extract(download_sdist(version, Path(tmp)), version, cache_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--sdist", type=Path, help="a transformers-<version>.tar.gz already downloaded")

@@ -124,7 +124,7 @@ class _NeedsCode:
         ("missing_key", "missing tensor for model.speech_llama_proj.weight"),
         ("extra_key", "not part of SALMONN"),
         ("wrong_beats", "differs from"),
-        ("beats_cfg", "beats"),
+        ("beats_cfg", "beats.pt: checkpoint does not match the BEATs model of its `cfg`: mismatched shapes [encoder.layer_norm.bias: checkpoint (40,), model (48,)"),
         ("llm_hidden", "speech_llama_proj.weight has shape"),
         ("unreadable", "no such folder"),
         ("lora_rank_flag", "--lora-rank 4 disagrees"),

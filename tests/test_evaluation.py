@@ -141,8 +141,6 @@ def test_caption_metrics_report_unavailable_not_omitted(monkeypatch):
 
 
 def test_meteor_with_nltk_and_a_stand_in_wordnet():
-    pytest.importorskip("nltk")
-
     class NoSynonyms:
         def synsets(self, word):
             return []
@@ -150,6 +148,18 @@ def test_meteor_with_nltk_and_a_stand_in_wordnet():
     out = metrics.meteor([["a dog is barking"]], ["A dog is barking."], wordnet=NoSynonyms())
     # 4 exact matches in one chunk: Fmean 1, penalty 0.5 * (1/4)^3
     assert out["meteor"] == pytest.approx(100 * (1 - 0.5 * 0.25**3))
+
+
+def test_meteor_with_debian_wordnet_matches_synonyms():
+    """CI installs nltk (the eval extra) and Debian's wordnet-base: METEOR runs with real WordNet synonyms."""
+    assert metrics.meteor_availability() is None
+    assert metrics.debian_wordnet().synsets("car")[0].lexname() == "noun.artifact"
+    out = metrics.meteor([["the auto is red"]], ["The car is red."])
+    # "car" ~ "auto" through WordNet: 4 matches in one chunk, as if exact
+    assert out == {"meteor": pytest.approx(100 * (1 - 0.5 * 0.25**3)), "implementation": "nltk"}
+    # Without synonyms: 3 matches (P = R = 3/4) in 2 chunks
+    no_synonyms = metrics.meteor([["the auto is red"]], ["The car is red."], wordnet=type("W", (), {"synsets": lambda self, w: []})())
+    assert no_synonyms["meteor"] == pytest.approx(100 * 0.75 * (1 - 0.5 * (2 / 3) ** 3))
 
 
 # ---------------------------------------------------------------------------------------------------- accuracy

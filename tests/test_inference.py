@@ -314,7 +314,8 @@ def test_half_precision_load_and_generate_on_cpu(checkpoint, dtype):
     with torch.no_grad():
         reference = model32.get_audio_features(**{k: inputs32[k] for k in AUDIO_KEYS}).pooler_output
         half = model.get_audio_features(**{k: inputs[k] for k in AUDIO_KEYS}).pooler_output.float()
-    assert float((half - reference).norm() / reference.norm()) < 0.05
+    # README: bf16 audio tokens within 0.31% (relative L2) of float32; here 0.12% (bf16) and 0.0005% (fp16).
+    assert float((half - reference).norm() / reference.norm()) < 2 * 0.0031
     answers = engine.generate_answers(model, processor, [item, item], {"max_new_tokens": 4, "num_beams": 2})
     assert len(answers) == 2 and answers[0] == answers[1]
 
@@ -350,7 +351,8 @@ def test_quanto_int8_quantizes_the_language_model_only(checkpoint):
     with torch.no_grad():
         logits = model(**inputs).logits.float()
         reference = model32(**inputs).logits
-    assert 0 < float((logits - reference).norm() / reference.norm()) < 0.05
+    # README: int8 prompt logits within 2.7% relative error of float32 (mid-size model); here 1.0%.
+    assert 0 < float((logits - reference).norm() / reference.norm()) < 0.027
     assert len(engine.generate_answers(model, processor, [item], {"max_new_tokens": 3, "num_beams": 1})) == 1
 
 
@@ -647,6 +649,7 @@ def test_benchmark_scripts_run_on_the_tiny_model(capsys):
     assert "batch 2: speed-up over one-by-one" in out and "[cpu int8 LLM] LLM weights" in out and "tokens/s" in out
     assert "even free decoding would give a batch speed-up of at most" in out
     assert "(Q-Former, LayerNorms and projection in float32): relative error" in out
+    assert re.search(r"BEATs length grouping, 2 clips at batch 2: audio encoding [\d.]+ s -> [\d.]+ s, the whole batch [\d.]+ s -> [\d.]+ s", out)
     assert long_audio_benchmark(["--size", "tiny", "--durations", "30", "65"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith("Mi")]
     assert [(r[2], r[3]) for r in rows] == [("1", "88"), ("3", "264")]

@@ -225,7 +225,19 @@ def _assert_flat_remote_code(folder):
 
 
 def test_round_trip_fresh_process_folder_and_repo_id(tmp_path):
-    folder = save_tiny_checkpoint(tmp_path / "salmonn-tiny")
+    from tests.utils import tiny_model_and_processor
+
+    # The model before saving is the reference: a load must give its logits, not merely those of another load.
+    before, processor = tiny_model_and_processor(seed=0)
+    randomize_lora(before, 0)
+    before.eval()
+    t = np.arange(16000 * 2) / 16000
+    inputs = processor(text=processor.format_prompt("Describe the audio."), audio=0.3 * np.sin(2 * np.pi * 500 * t), sampling_rate=16000)
+    with torch.no_grad():
+        here = before(**inputs).logits
+    folder = tmp_path / "salmonn-tiny"
+    before.save_pretrained(folder)
+    processor.save_pretrained(folder)
     _assert_flat_remote_code(folder)
     config = json.loads((folder / "config.json").read_text())
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor", "AutoFeatureExtractor"}
@@ -256,14 +268,6 @@ def test_round_trip_fresh_process_folder_and_repo_id(tmp_path):
     stdout = run_fresh_python(code, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert "OK 2" in stdout
 
-    from transformers import AutoModel, AutoProcessor
-
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    t = np.arange(16000 * 2) / 16000
-    inputs = processor(text=processor.format_prompt("Describe the audio."), audio=0.3 * np.sin(2 * np.pi * 500 * t), sampling_rate=16000)
-    with torch.no_grad():
-        here = model(**inputs).logits
     for i in range(2):
         assert torch.equal(torch.load(tmp_path / f"{i}.pt", weights_only=True), here)
 
@@ -284,4 +288,5 @@ def test_attention_implementations_and_half_precision_load(tmp_path):
     assert model.dtype == torch.bfloat16
     with torch.no_grad():
         half = model(**inputs).logits.float()
-    assert (half - logits["sdpa"]).abs().max() < 0.5
+    # Relative L2 of the bf16 logits: 0.87% on this model (the logits span about +-0.6, so an absolute bound says little).
+    assert float((half - logits["sdpa"]).norm() / logits["sdpa"].norm()) < 0.02

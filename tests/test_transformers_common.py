@@ -1,12 +1,13 @@
 """
 transformers' own common model and configuration tests (`ModelTesterMixin`, `ConfigTester`) on a tiny SALMONN.
 
-The test files come from the source distribution of the installed transformers version; `.ci/run` puts them in
-`tests/.transformers_tests/` with `python tests/fetch_transformers_tests.py` before the tests run.
+The test files come from the source distribution of the installed transformers version, fetched with pip into
+`tests/.transformers_tests/` the first time (`python tests/fetch_transformers_tests.py` does it by hand).
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -19,6 +20,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from modeling_salmonn import SalmonnConfig, SalmonnForConditionalGeneration, SalmonnModel
+from tests.fetch_transformers_tests import ensure_common_tests
 
 
 CACHE_DIR = Path(__file__).resolve().parent / ".transformers_tests"
@@ -26,6 +28,10 @@ CACHE_DIR = Path(__file__).resolve().parent / ".transformers_tests"
 
 def _import_common_tests():
     """transformers' test mixins from the cache, or the reason they cannot be used (each test then fails with it)."""
+    try:
+        ensure_common_tests(CACHE_DIR)
+    except (OSError, subprocess.CalledProcessError) as error:
+        return None, f"transformers' common tests could not be fetched into {CACHE_DIR} ({error})"
     sys.path.insert(0, str(CACHE_DIR))
     try:
         from transformers_tests import VERSION
