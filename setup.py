@@ -23,7 +23,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
-        "transformers>=5.24,<6",
+        "transformers>=5.19,<6",
         "peft>=0.21.2",
         "accelerate>=1.10",
         "huggingface_hub>=1.0",

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig, WhisperConfig
-from transformers.configuration_utils import SubConfigSpec
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+
+    _NATIVE_SUB_CONFIGS = True
+except ImportError:  # transformers < 5.24 (the range vLLM pins): no `SubConfigSpec`
+    _NATIVE_SUB_CONFIGS = False
+
+    class SubConfigSpec:
+        """Stand-in that holds the same table; `SalmonnConfig.__post_init__` builds the sub-configs from it."""
+
+        def __init__(self, config_class, model_type: str | None = None, init_kwargs: dict | None = None):
+            self.config_class, self.model_type, self.init_kwargs = config_class, model_type, init_kwargs or {}
 
 
 class BeatsConfig(PreTrainedConfig):
@@ -154,6 +167,8 @@ class SalmonnConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if not _NATIVE_SUB_CONFIGS:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         if self.lora_target_modules is None:
             self.lora_target_modules = ["q_proj", "v_proj"]
@@ -171,6 +186,17 @@ class SalmonnConfig(PreTrainedConfig):
                 f"`second_per_window`={self.second_per_window} gives a window of {self.window_kernel} frames, longer "
                 f"than the {self.whisper_config.max_source_positions} Whisper frames of a 30 s segment"
             )
+
+    def _build_sub_configs(self) -> None:
+        """transformers < 5.24 only: what its `sub_configs_defaults` handling does (dict or None -> config)."""
+        for key, spec in self.sub_configs_defaults.items():
+            value = getattr(self, key)
+            if isinstance(value, PreTrainedConfig):
+                continue
+            values = dict(spec.init_kwargs if value is None else value)
+            model_type = values.pop("model_type", spec.model_type)
+            config_class = spec.config_class
+            setattr(self, key, AutoConfig.for_model(model_type, **values) if config_class is AutoConfig else config_class(**values))
 
     @property
     def window_kernel(self) -> int:
@@ -190,6 +216,9 @@ class SalmonnConfig(PreTrainedConfig):
     def audio_tokens_per_segment(self) -> int:
         return self.num_windows * self.num_query_tokens
 
+
+if not _NATIVE_SUB_CONFIGS:  # transformers < 5.24 reads the sub-config classes from `sub_configs`
+    SalmonnConfig.sub_configs = {key: spec.config_class for key, spec in SalmonnConfig.sub_configs_defaults.items()}
 
 SalmonnConfig.register_for_auto_class()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import shutil
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .configuration_salmonn import SalmonnConfig
@@ -35,6 +37,10 @@ AUTO_MAP = {
     "AutoProcessor": "processing_salmonn.SalmonnProcessor",
     "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
 }
+
+# transformers < 5.24 (the range vLLM pins) names the KV cache `past_key_values` in forward arguments and outputs;
+# 5.24 renamed it `cache`. Only the name differs.
+_LEGACY_CACHE_NAME = "cache" not in inspect.signature(LlamaModel.forward).parameters
 
 # Inputs that hold one row per 30 s audio segment rather than one row per prompt.
 AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
@@ -308,17 +314,18 @@ class SalmonnModel(SalmonnPreTrainedModel):
         audio_features = None
         if inputs_embeds is None:
             inputs_embeds, audio_features = self.embed_inputs(input_ids, input_features, input_values, input_values_mask)
+        cache_name = "past_key_values" if _LEGACY_CACHE_NAME else "cache"
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
+            **{cache_name: cache},
             **kwargs,
         )
         return SalmonnModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=getattr(outputs, "cache", None),
+            cache=getattr(outputs, cache_name, None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=audio_features,
@@ -441,6 +448,8 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids to predict, -100 where no
             loss is taken (prompt, audio and padding positions); `SalmonnProcessor(text_target=...)` builds them.
         """
+        if _LEGACY_CACHE_NAME and cache is None:
+            cache = kwargs.pop("past_key_values", None)
         outputs = self.model(
             input_ids=input_ids,
             input_features=input_features,
@@ -463,7 +472,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return SalmonnCausalLMOutputWithPast(
+        output = SalmonnCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
@@ -471,6 +480,9 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             audio_hidden_states=outputs.audio_hidden_states,
         )
+        if _LEGACY_CACHE_NAME and outputs.cache is not None:
+            output["past_key_values"] = outputs.cache  # the name transformers < 5.24's generation loop reads
+        return output
 
     def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
         """
