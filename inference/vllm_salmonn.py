@@ -114,8 +114,10 @@ class SalmonnDummyInputsBuilder(BaseDummyInputsBuilder[SalmonnProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
         feature_extractor = self.info.get_feature_extractor()
-        # One sample short of the last segment, so the zero padding never makes a segment more.
-        length = self.info.max_segments(seq_len) * feature_extractor.n_samples - 1
+        # The longest audio accepted: as many segments as allowed, within the extractor's length limit.
+        length = self.info.max_segments(seq_len) * feature_extractor.n_samples
+        if feature_extractor.max_audio_seconds is not None:
+            length = min(length, int(feature_extractor.max_audio_seconds * feature_extractor.sampling_rate))
         return {
             "audio": self._get_dummy_audios(
                 length=length, num_audios=mm_counts.get("audio", 0), overrides=mm_options.get("audio")

