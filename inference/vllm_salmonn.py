@@ -52,11 +52,6 @@ AUDIO_FIELDS = ("input_features", "input_values", "input_values_mask")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>base_layer|lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
-def _audio_segments(feature_extractor, audio, sampling_rate, name: str) -> list[np.ndarray]:
-    """The feature extractor's validation, resampling and 30 s cut of one audio (raises `ValueError`)."""
-    return feature_extractor.to_segments(audio, sampling_rate=sampling_rate, name=name)
-
-
 class SalmonnDataParser(MultiModalDataParser):
     """
     Audio goes through `SalmonnFeatureExtractor.to_segments` (checks, any sampling rate resampled with soxr as for
@@ -79,7 +74,7 @@ class SalmonnDataParser(MultiModalDataParser):
                 raise ValueError(f"audio[{index}]: SALMONN needs the audio itself, not only its uuid")
             audio, rate = item if isinstance(item, tuple) else (item, None)
             rate = self.feature_extractor.sampling_rate if rate is None else rate
-            segments = _audio_segments(self.feature_extractor, audio, rate, f"audio[{index}]")
+            segments = self.feature_extractor.to_segments(audio, sampling_rate=rate, name=f"audio[{index}]")
             audios.append(np.concatenate(segments))
         return AudioProcessorItems(audios)
 
@@ -167,7 +162,7 @@ class SalmonnMultiModalProcessor(BaseMultiModalProcessor[SalmonnProcessingInfo])
         rate = processor.feature_extractor.sampling_rate
         with timing_ctx.record("apply_hf_processor"):
             outputs = processor(text=text, audio=audios or None, sampling_rate=rate)
-        num_segments = [len(_audio_segments(processor.feature_extractor, a, rate, "audio")) for a in audios]
+        num_segments = [len(processor.feature_extractor.to_segments(a, sampling_rate=rate)) for a in audios]
         prompt_ids = outputs["input_ids"][0].tolist()
 
         # Each audio's placeholders are the next run of `segments x audio_tokens_per_segment` placeholder ids.

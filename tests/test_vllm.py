@@ -363,3 +363,54 @@ def test_salmonn_infer_engine_vllm_writes_the_default_engines_answers(checkpoint
             assert "cannot decode audio file" in record["error"] and other["error"] == record["error"]
         else:
             assert other["answer"] == record["answer"] and record["answer"]
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """benchmarks/serving.py end to end on the tiny model: every number is there and sane."""
+    from tests.utils import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from benchmarks.serving import main
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+
+    output = tmp_path / "serving.json"
+    argv = ["--size", "tiny", "--clips", "2", "--new_tokens", "3", "40", "--batch_size", "2", "--output", str(output)]
+    assert main(argv) == 0
+    results = json.loads(output.read_text())
+    assert results["clip_seconds"] == [2.0, 30.0]
+    assert sorted(results["answers"], key=int) == ["3", "40"]
+    for row in results["answers"].values():
+        assert set(row) == {"generate_one_by_one_s", "generate_batch_2_s", "vllm_s"} and min(row.values()) > 0
+    assert results["unshareable_s"] > 0 and results["vllm_ttft_mean_s"] > 0 and results["memory_bandwidth_gb_s"] > 0
+    assert 0 < results["decode_weight_bandwidth_fraction"] < 1
+    assert results["decode_weight_mb"] > 0
+
+
+def test_salmonn_eval_engine_vllm_records_the_default_engines_hypotheses(checkpoint, tmp_path):
+    import soundfile
+
+    from salmonn.evaluation.evaluate import main, read_predictions
+
+    directory = checkpoint[0]
+    soundfile.write(tmp_path / "a.wav", CLIPS[0][1][0][0], 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "b.wav", CLIPS[6][1][0][0], 16000, subtype="FLOAT")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    rows = [
+        {"id": "same", "audio": "a.wav", "reference": "yes"},
+        {"id": "pair", "audio": "a.wav", "expand_wav": ["b.wav"], "reference": "no"},
+        {"id": "broken", "audio": "broken.wav", "reference": "yes"},
+    ]
+    data = tmp_path / "sv.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    hypotheses = {}
+    for engine in ("transformers", "vllm"):
+        out = tmp_path / engine
+        argv = ["--model", str(directory), "--task", "sv", "--data", str(data), "--output", str(out), "--engine", engine]
+        assert main([*argv, "--num_beams", "1", "--max_new_tokens", str(MAX_NEW_TOKENS), "--no_progress"]) == 0
+        hypotheses[engine] = {r["id"]: (r["hypothesis"], r.get("error")) for r in read_predictions(out / "predictions.jsonl")}
+    assert hypotheses["vllm"] == hypotheses["transformers"]
+    assert hypotheses["vllm"]["broken"][0] is None and "cannot decode audio file" in hypotheses["vllm"]["broken"][1]
+    assert isinstance(hypotheses["vllm"]["pair"][0], str)
