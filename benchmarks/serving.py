@@ -137,6 +137,12 @@ def time_vllm(llm, requests, new_tokens: int) -> float:
     return elapsed
 
 
+def record(results: dict, key: str, value: float, new_tokens: int | None = None) -> None:
+    """Stores one measurement and prints it at once (a long run shows what it has so far)."""
+    results[key] = value
+    print(f"{key}{'' if new_tokens is None else f' ({new_tokens} tokens)'}: {value:.4g}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(ServingBenchmarkArguments).parse_args_into_dataclasses(args=argv)
@@ -184,18 +190,9 @@ def main(argv: list[str] | None = None) -> int:
           f"memory bandwidth (tensor copy) {bandwidth / 1e9:.1f} GB/s", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as folder:
-        for new_tokens in args.new_tokens:
-            results["answers"][new_tokens] = {
-                "generate_one_by_one_s": time_generate(model, processor, items, 1, new_tokens),
-                f"generate_batch_{args.batch_size}_s": time_generate(model, processor, items, args.batch_size, new_tokens),
-            }
-            print(f"generate timed for {new_tokens} tokens", flush=True)
-        model.to("cpu")
+        # vLLM first, then `generate` batched, then one by one (the slowest): each number is printed as it comes.
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        del model
-        gc.collect()
-
         from vllm import LLM
 
         start = time.perf_counter()
@@ -207,24 +204,30 @@ def main(argv: list[str] | None = None) -> int:
             enforce_eager=not on_gpu,
             enable_prefix_caching=False,  # every run does all of its work
             mm_processor_cache_gb=0,
+            **({"gpu_memory_utilization": 0.5} if on_gpu else {}),  # the `generate` model shares the GPU
         )
-        results["vllm_startup_s"] = time.perf_counter() - start
+        record(results, "vllm_startup_s", time.perf_counter() - start)
         requests = vllm_requests(processor, items)
         llm.generate(requests[:1], exact_tokens(2), use_tqdm=False)  # warm-up
         # Work batching cannot share: features, encoders and prefill of each clip (one token, each clip alone).
         first_token = [time_vllm(llm, [request], 1) for request in requests]
-        results["vllm_ttft_mean_s"] = sum(first_token) / len(first_token)
-        results["unshareable_s"] = sum(first_token)
+        record(results, "vllm_ttft_mean_s", sum(first_token) / len(first_token))
+        record(results, "unshareable_s", sum(first_token))
         for new_tokens in args.new_tokens:
-            results["answers"][new_tokens]["vllm_s"] = time_vllm(llm, requests, new_tokens)
+            record(results["answers"].setdefault(new_tokens, {}), "vllm_s", time_vllm(llm, requests, new_tokens), new_tokens)
         # Decoding at batch 1: the longest answer minus its first token, for the median clip (best of 3 each).
         longest, median = max(args.new_tokens), requests[len(requests) // 2]
         decode_s = min(time_vllm(llm, [median], longest) for _ in range(3)) - min(time_vllm(llm, [median], 1) for _ in range(3))
         tokens_per_s = (longest - 1) / decode_s
-        results["vllm_decode_tokens_per_s_batch1"] = tokens_per_s
-        results["decode_weight_bandwidth_fraction"] = tokens_per_s * weight_bytes / bandwidth
+        record(results, "vllm_decode_tokens_per_s_batch1", tokens_per_s)
+        record(results, "decode_weight_bandwidth_fraction", tokens_per_s * weight_bytes / bandwidth)
         del llm
         gc.collect()
+
+    for batch_size, name in ((args.batch_size, f"generate_batch_{args.batch_size}_s"), (1, "generate_one_by_one_s")):
+        for new_tokens in args.new_tokens:
+            seconds = time_generate(model, processor, items, batch_size, new_tokens)
+            record(results["answers"][new_tokens], name, seconds, new_tokens)
 
     print_table(results, args)
     if args.output:
