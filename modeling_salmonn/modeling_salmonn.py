@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, Generat
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -47,6 +49,10 @@ AUTO_MAP = {
     "AutoProcessor": "processing_salmonn.SalmonnProcessor",
     "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
 }
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`, in forward arguments and in the output classes;
+# vLLM pins transformers < 5.20. Only the name differs: this is the installed version's.
+CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 # Inputs that hold one row per 30 s audio segment rather than one row per prompt.
 AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
@@ -415,14 +421,14 @@ class SalmonnModel(SalmonnPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return SalmonnModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=getattr(outputs, "cache", None),
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=audio_features,
@@ -587,10 +593,10 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
         return SalmonnCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=outputs.audio_hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def _check_streamer(self, kwargs: dict) -> None:
