@@ -1,14 +1,20 @@
-"""Helpers shared by the converters: outputs appear complete or not at all."""
+"""Writing the converters' outputs: folders appear complete or not at all, and weights stream shard by shard."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import re
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 logger = logging.getLogger(__name__)
@@ -105,3 +111,96 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
 
 
 __all__ = ["atomic_output_dir", "remove_stale_temporaries"]
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
+
+
+# safetensors names of torch dtypes, for the streaming writer below.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streaming(path: Path, items: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]) -> None:
+    """
+    Writes a safetensors file one tensor at a time. `safetensors.torch.save_file` needs every tensor of the shard in
+    memory at once (and serialises a copy), which would double the peak memory of a 13B conversion; the format is a
+    length-prefixed JSON header followed by the raw bytes, so streaming it is simple.
+    """
+    header, offset = {}, 0
+    for key, shape, dtype, _ in items:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for key, shape, dtype, make in items:
+            tensor = make()
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{key}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+
+
+class ShardWriter:
+    """
+    Plans tensors into safetensors shards of at most `max_bytes` and writes each shard by streaming its tensors.
+    Tensors are produced lazily at write time from their (memory-mapped) sources, so memory holds at most one output
+    shard's worth of source pages plus one converted tensor.
+    """
+
+    def __init__(self, folder: Path | None, max_bytes: int):
+        # folder=None records names and shapes only (dry run).
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]] = []
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.total_bytes = 0
+
+    def add(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> None:
+        if key in self.shapes:
+            raise ValueError(f"Tensor {key} was produced twice")
+        shape = tuple(int(n) for n in shape)
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.append((key, shape, dtype, make))
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.shapes[key] = (shape, dtype)
+
+    def flush(self) -> None:
+        """Writes the planned tensors (they keep their sources alive until then)."""
+        if not self.pending:
+            return
+        path = Path(f"shard-{len(self.files):05d}.tmp")
+        if self.folder is not None:
+            path = self.folder / path
+            write_safetensors_streaming(path, self.pending)
+        self.files.append((path, [key for key, *_ in self.pending]))
+        self.pending, self.pending_bytes = [], 0
+
+    def finish(self) -> list[Path]:
+        self.flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, keys), name in zip(self.files, names):
+            path.rename(self.folder / name)
+            weight_map.update({key: name for key in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / name for name in names]

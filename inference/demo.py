@@ -50,14 +50,12 @@ def build_demo_folder(save_dir: Path, seed: int) -> bool:
     if (DEMO_MODEL_DIR / "config.json").is_file():
         import shutil
 
-        from modeling_salmonn.modeling_salmonn import REMOTE_CODE_FILES
+        from modeling_salmonn.modelcard_salmonn import copy_remote_code
 
         # The shipped folder holds weights, config and processor files; the code comes from this package, so the
         # demo never runs stale copies of the model files.
         shutil.copytree(DEMO_MODEL_DIR, save_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py"))
-        package_dir = Path(__file__).resolve().parents[1] / "modeling_salmonn"
-        for name in REMOTE_CODE_FILES:
-            shutil.copyfile(package_dir / name, save_dir / name)
+        copy_remote_code(save_dir)
         return True
     else:
         from .tiny import build_tiny_model_and_processor

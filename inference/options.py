@@ -34,6 +34,28 @@ class DatasetArguments:
         )
 
 
+def load_for_engine(args, generation_kwargs: dict) -> tuple:
+    """
+    The model and processor for `args.engine` (salmonn-infer's and salmonn-eval's model options), with the vLLM
+    sampling parameters (`None` for transformers, whose `generate` takes `generation_kwargs` itself).
+    """
+    if args.engine == "vllm":
+        from .vllm_engine import load_llm_and_processor
+
+        return load_llm_and_processor(args, generation_kwargs)
+    from .engine import load_model_and_processor
+
+    model, processor = load_model_and_processor(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        quantize=args.quantize,
+        lora_scaling=args.lora_scaling,
+    )
+    return model, processor, None
+
+
 def row_audio(row: dict) -> dict:
     """An `HFDatasetItems` row as the engine's audio fields: `{"audio": path}` or `{"audio": array, "sampling_rate"}`."""
     if "array" in row:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig, WhisperConfig
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 
 
 try:

@@ -3,6 +3,7 @@ a PEFT adapter, and a `quantization_config` quantizes the language model only.""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -195,3 +196,51 @@ def quantize_language_model_only(quantization) -> None:
         quantization[name] = skip
     else:
         setattr(quantization, name, skip)
+
+
+class SalmonnLoraMixin:
+    """SALMONN's LoRA on a model holding the language model as `self.model.language_model`."""
+
+    # -- LoRA scaling (the paper's test-time discount, section 5.2) ------------------------------------------
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        return [m for m in self.model.language_model.modules() if isinstance(m, LoraLayer)]
+
+    @property
+    def lora_scaling(self) -> float:
+        """Current LoRA scaling factor (lora_alpha / lora_rank unless changed with `set_lora_scaling`)."""
+        layers = self._lora_layers()
+        if not layers:
+            raise ValueError("This model has no LoRA layers (its LoRA was merged into the LLM at conversion)")
+        return float(next(iter(layers[0].scaling.values())))
+
+    def set_lora_scaling(self, value: float) -> float:
+        """Sets the LoRA scaling factor of every LoRA layer in place and returns the previous value."""
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"`set_lora_scaling` expects a finite non-negative number, got {value!r}")
+        previous = self.lora_scaling
+        for layer in self._lora_layers():
+            for adapter in layer.scaling:
+                layer.scaling[adapter] = float(value)
+        return previous
+
+    # -- peft: a user's adapter goes beside SALMONN's LoRA ----------------------------------------------------
+
+    @property
+    def peft_config(self) -> SalmonnPeftConfigs:
+        """The adapters as peft sees them; peft's tuners check every new adapter here (see `SalmonnPeftConfigs`)."""
+        if "_salmonn_peft_configs" not in self.__dict__:
+            self.__dict__["_salmonn_peft_configs"] = SalmonnPeftConfigs(self)
+        return self.__dict__["_salmonn_peft_configs"]
+
+    @peft_config.setter
+    def peft_config(self, value) -> None:
+        # peft assigns the configs right after injecting an adapter: SALMONN's LoRA is restored and kept active.
+        configs = self.peft_config
+        if value is not configs:
+            configs.update(value)
+        configs.after_injection()
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        self.__dict__.pop("_salmonn_peft_configs", None)

@@ -1,10 +1,36 @@
-"""The one model card writer of SALMONN folders: converted, saved, pushed, trained and adapter folders."""
+"""
+SALMONN folders on the Hub: the files that make a folder loadable with remote code, the one model card writer
+(converted, saved, pushed, trained and adapter folders), and the model's `save_pretrained` / `push_to_hub`.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+
+
+# The flat module files that make a saved folder loadable with `trust_remote_code=True`.
+REMOTE_CODE_FILES = (
+    "configuration_salmonn.py",
+    "modeling_beats.py",
+    "modeling_salmonn.py",
+    "feature_extraction_salmonn.py",
+    "processing_salmonn.py",
+    "integrations_salmonn.py",
+    "modelcard_salmonn.py",
+    "generation_salmonn.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_salmonn.SalmonnConfig",
+    "AutoModel": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
+    "AutoProcessor": "processing_salmonn.SalmonnProcessor",
+    "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
+}
 
 
 # Vicuna v1.1 (SALMONN 13B) is a LLaMA 1 fine-tune under LLaMA's non-commercial terms; v1.5 (7B) is a Llama 2 one.
@@ -249,3 +275,54 @@ def upload_folder_to_hub(
         revision=revision,
         create_pr=create_pr,
     )
+
+
+def copy_remote_code(folder: str | os.PathLike, overwrite: bool = True) -> None:
+    """Copies the model's code files into `folder`, which then loads with `trust_remote_code=True` (see `AUTO_MAP`)."""
+    source_dir = Path(__file__).resolve().parent
+    for name in REMOTE_CODE_FILES:
+        target = Path(folder) / name
+        if overwrite or not target.exists():
+            shutil.copyfile(source_dir / name, target)
+
+
+class SalmonnHubMixin:
+    """`save_pretrained` / `push_to_hub` of SALMONN models: remote code and SALMONN's card always go with the weights."""
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """
+        Saves weights and config with the remote code and SALMONN's model card, so the folder loads with
+        `trust_remote_code=True`; with `push_to_hub=True` the finished folder is uploaded (remote code included).
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_remote_code(save_directory, overwrite=False)  # transformers may have copied some already
+        if not kwargs.get("is_main_process", True):
+            return
+        repo_id = hub_kwargs.pop("repo_id", None) or (Path(save_directory).name if push_to_hub else None)
+        tags = hub_kwargs.pop("tags", None)
+        saved_model_card(self, repo_id=repo_id, tags=tags).save(Path(save_directory) / "README.md")
+        if push_to_hub:
+            upload_folder_to_hub(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """Saves the model (weights, remote code, SALMONN's card) to a temporary folder and uploads all of it."""
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags)
+            return upload_folder_to_hub(
+                tmp_dir, repo_id, commit_message=commit_message, commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr,
+            )

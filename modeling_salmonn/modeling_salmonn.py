@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import AutoModel, Blip2QFormerModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Blip2QFormerModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -22,40 +19,20 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .integrations_salmonn import SalmonnPeftConfigs, quantize_language_model_only
+from .integrations_salmonn import SalmonnLoraMixin, quantize_language_model_only
 from .configuration_salmonn import SALMONN_ADAPTER_MODULES, SalmonnConfig
-from .modelcard_salmonn import HUB_KWARGS, saved_model_card, upload_folder_to_hub
+from .generation_salmonn import SalmonnGenerationMixin, original_generation_config
+from .modelcard_salmonn import SalmonnHubMixin
 from .modeling_beats import BeatsModel
 
 
 logger = logging.get_logger(__name__)
 
 
-# The flat module files that make a saved folder loadable with `trust_remote_code=True`.
-REMOTE_CODE_FILES = (
-    "configuration_salmonn.py",
-    "modeling_beats.py",
-    "modeling_salmonn.py",
-    "feature_extraction_salmonn.py",
-    "processing_salmonn.py",
-    "integrations_salmonn.py",
-    "modelcard_salmonn.py",
-)
-AUTO_MAP = {
-    "AutoConfig": "configuration_salmonn.SalmonnConfig",
-    "AutoModel": "modeling_salmonn.SalmonnForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
-    "AutoModelForMultimodalLM": "modeling_salmonn.SalmonnForConditionalGeneration",
-    "AutoProcessor": "processing_salmonn.SalmonnProcessor",
-    "AutoFeatureExtractor": "feature_extraction_salmonn.SalmonnFeatureExtractor",
-}
-
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`, in forward arguments and in the output classes;
 # vLLM pins transformers < 5.20. Only the name differs: this is the installed version's.
 CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
-# Inputs that hold one row per 30 s audio segment rather than one row per prompt.
-AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
 AUDIO_SEGMENTS_PER_CHUNK = 8
@@ -81,21 +58,6 @@ class SalmonnCausalLMOutputWithPast(CausalLMOutputWithPast):
     audio_hidden_states: torch.FloatTensor | None = None
 
 
-def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
-    """The original decode settings (configs/decode_config.yaml): deterministic 4-beam search, 200 new tokens."""
-    text = config.text_config
-    return GenerationConfig(
-        bos_token_id=text.bos_token_id,
-        eos_token_id=text.eos_token_id,
-        pad_token_id=text.pad_token_id,
-        num_beams=4,
-        max_new_tokens=200,
-        do_sample=False,
-        repetition_penalty=1.0,
-        length_penalty=1.0,
-    )
-
-
 def _cat_per_layer(chunks: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:
     """Joins per-layer outputs of audio encoded in chunks of segments back into one tensor per layer."""
     if chunks[0] is None:
@@ -103,7 +65,7 @@ def _cat_per_layer(chunks: list[tuple[torch.Tensor, ...] | None]) -> tuple[torch
     return tuple(torch.cat(layer) for layer in zip(*chunks))
 
 
-class SalmonnPreTrainedModel(PreTrainedModel):
+class SalmonnPreTrainedModel(SalmonnHubMixin, PreTrainedModel):
     config: SalmonnConfig
     config_class = SalmonnConfig
     base_model_prefix = "model"
@@ -145,48 +107,6 @@ class SalmonnPreTrainedModel(PreTrainedModel):
                     module.lora_A[name]._is_hf_initialized = True
                     module.lora_B[name]._is_hf_initialized = True
         super().initialize_weights()
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        """
-        Saves weights and config with the remote code and SALMONN's model card, so the folder loads with
-        `trust_remote_code=True`; with `push_to_hub=True` the finished folder is uploaded (remote code included).
-        """
-        hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        source_dir = Path(__file__).resolve().parent
-        for name in REMOTE_CODE_FILES:
-            if (source_dir / name).is_file() and not (Path(save_directory) / name).exists():
-                shutil.copyfile(source_dir / name, Path(save_directory) / name)
-        if not kwargs.get("is_main_process", True):
-            return
-        repo_id = hub_kwargs.pop("repo_id", None) or (Path(save_directory).name if push_to_hub else None)
-        tags = hub_kwargs.pop("tags", None)
-        saved_model_card(self, repo_id=repo_id, tags=tags).save(Path(save_directory) / "README.md")
-        if push_to_hub:
-            upload_folder_to_hub(save_directory, repo_id, **hub_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-    ) -> str:
-        """Saves the model (weights, remote code, SALMONN's card) to a temporary folder and uploads all of it."""
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags)
-            return upload_folder_to_hub(
-                tmp_dir, repo_id, commit_message=commit_message, commit_description=commit_description,
-                private=private, token=token, revision=revision, create_pr=create_pr,
-            )
-
 
 class SalmonnModel(SalmonnPreTrainedModel):
     """The encoders, the window-level Q-Former and the language model without its head."""
@@ -435,7 +355,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         )
 
 
-class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
+class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, SalmonnGenerationMixin):
     """SALMONN with its language-model head; `generate` answers prompts about audio."""
 
     _tied_weights_keys = None
@@ -492,50 +412,6 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
-
-    # -- LoRA scaling (the paper's test-time discount, section 5.2) ------------------------------------------
-
-    def _lora_layers(self) -> list[LoraLayer]:
-        return [m for m in self.model.language_model.modules() if isinstance(m, LoraLayer)]
-
-    @property
-    def lora_scaling(self) -> float:
-        """Current LoRA scaling factor (lora_alpha / lora_rank unless changed with `set_lora_scaling`)."""
-        layers = self._lora_layers()
-        if not layers:
-            raise ValueError("This model has no LoRA layers (its LoRA was merged into the LLM at conversion)")
-        return float(next(iter(layers[0].scaling.values())))
-
-    def set_lora_scaling(self, value: float) -> float:
-        """Sets the LoRA scaling factor of every LoRA layer in place and returns the previous value."""
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"`set_lora_scaling` expects a finite non-negative number, got {value!r}")
-        previous = self.lora_scaling
-        for layer in self._lora_layers():
-            for adapter in layer.scaling:
-                layer.scaling[adapter] = float(value)
-        return previous
-
-    # -- peft: a user's adapter goes beside SALMONN's LoRA ----------------------------------------------------
-
-    @property
-    def peft_config(self) -> SalmonnPeftConfigs:
-        """The adapters as peft sees them; peft's tuners check every new adapter here (see `SalmonnPeftConfigs`)."""
-        if "_salmonn_peft_configs" not in self.__dict__:
-            self.__dict__["_salmonn_peft_configs"] = SalmonnPeftConfigs(self)
-        return self.__dict__["_salmonn_peft_configs"]
-
-    @peft_config.setter
-    def peft_config(self, value) -> None:
-        # peft assigns the configs right after injecting an adapter: SALMONN's LoRA is restored and kept active.
-        configs = self.peft_config
-        if value is not configs:
-            configs.update(value)
-        configs.after_injection()
-
-    @peft_config.deleter
-    def peft_config(self) -> None:
-        self.__dict__.pop("_salmonn_peft_configs", None)
 
     # -- forward and generation ----------------------------------------------------------------------------
 
@@ -599,70 +475,6 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
-    def _check_streamer(self, kwargs: dict) -> None:
-        """Streaming needs greedy or sampled decoding, and SALMONN's default decode is the original's 4 beams."""
-        if kwargs.get("streamer") is None:
-            return
-        num_beams = kwargs.get("num_beams") or (kwargs.get("generation_config") or self.generation_config).num_beams
-        if num_beams > 1:
-            raise ValueError(
-                f"`streamer` works only with num_beams=1, but this generation uses num_beams={num_beams} (SALMONN's "
-                "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
-            )
-
-    def _fit_context(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
-        """
-        A prompt that does not fit the language model's context is an error; an answer that would run past it is
-        cut at the context's end (with a warning) instead of going on at positions the model was never trained on.
-        """
-        limit = self.config.text_config.max_position_embeddings
-        if prompt is None or not limit:
-            return
-        length = prompt.shape[1]
-        if length >= limit:
-            raise ValueError(
-                f"The prompt is {length} positions long (audio placeholders included: "
-                f"{self.config.audio_tokens_per_segment} per 30 s of audio), but the language model's context is "
-                f"{limit}; shorten the text or the audio"
-            )
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-        if max_new_tokens is None:
-            max_length = kwargs.get("max_length", generation_config.max_length)
-            if max_length is None or max_length > limit:
-                kwargs["max_length"] = limit
-        elif length + max_new_tokens > limit:
-            logger.warning(
-                f"The prompt takes {length} of the language model's {limit} positions: the answer is cut at "
-                f"{limit - length} new tokens instead of max_new_tokens={max_new_tokens}"
-            )
-            kwargs["max_new_tokens"] = limit - length
-
-    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
-        """
-        `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
-        `num_return_sequences` repeat the rows: every beam shares the embeddings instead of encoding each 30 s
-        segment again. Takes the processor's output as is; see `GenerationMixin.generate` for the rest.
-        """
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
-        self._check_streamer(kwargs)
-        self._fit_context(input_ids if input_ids is not None else kwargs.get("inputs_embeds"), kwargs)
-        audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
-        if audio["input_features"] is None and input_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
-            raise ValueError(
-                "`input_ids` holds audio placeholder tokens but no audio was given: pass the processor's whole output "
-                "(`SalmonnProcessor(text=..., audio=...)`), or use pipeline('any-to-any') for audio conversations"
-            )
-        if audio["input_features"] is not None:
-            if input_ids is None or kwargs.get("inputs_embeds") is not None:
-                raise ValueError("Audio inputs need `input_ids` with audio placeholders and no `inputs_embeds`")
-            if kwargs.get("use_cache") is False:
-                # Without a cache every step re-reads the whole prompt, audio placeholders included.
-                raise ValueError("Generation from audio needs `use_cache=True`")
-            with torch.no_grad():
-                kwargs["inputs_embeds"], _ = self.model.embed_inputs(input_ids, **audio)
-        return super().generate(input_ids, **kwargs)
 
 
 SalmonnForConditionalGeneration.register_for_auto_class("AutoModel")

@@ -69,7 +69,7 @@ def test_case1_output_not_written_by_infer_is_refused_untouched(tmp_path, caplog
 
 
 def test_case1_only_a_cut_record_is_dropped_from_own_output(tmp_path):
-    from salmonn.inference.infer import read_done_ids
+    from salmonn.inference.output import read_done_ids
 
     output = tmp_path / "out.jsonl"
     output.write_bytes(b'{"id": "a", "audio": "a.wav", "prompt": "x", "answer": "ok", "seconds": 1.0}\n{"id": "b", "aud')
@@ -78,7 +78,7 @@ def test_case1_only_a_cut_record_is_dropped_from_own_output(tmp_path):
 
 
 def test_case2_a_second_run_on_the_same_output_is_refused(tmp_path, caplog):
-    from salmonn.inference.infer import lock_output
+    from salmonn.inference.output import lock_output
 
     output = tmp_path / "out.jsonl"
     content = b'{"id": "a", "audio": "a.wav", "prompt": "x", "error": "bad"}\n'
@@ -166,7 +166,7 @@ def test_case20_paths_that_are_not_files_are_named(tiny, tmp_path):
 
 
 def test_case19_csv_with_a_byte_order_mark_is_read(tmp_path):
-    from salmonn.evaluation.evaluate import _read_rows
+    from salmonn.evaluation.items import _read_rows
     from salmonn.inference.infer import expand_inputs
     from salmonn.training.data import load_manifest
 
@@ -403,13 +403,12 @@ def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, 
 
 
 def _convert_args(output, checkpoint=None):
-    from tests.utils import FIXTURE_A
+    from tests.utils import fixture_a_convert_args
 
-    return [
-        "--salmonn-checkpoint", str(checkpoint or FIXTURE_A / "salmonn.pth"), "--whisper", str(FIXTURE_A / "whisper"),
-        "--beats", str(FIXTURE_A / "beats.pt"), "--llm", str(FIXTURE_A / "llm"), "--output", str(output),
-        "--qformer-num-attention-heads", "4", "--verify", "structure",
-    ]
+    args = fixture_a_convert_args(output, "--verify", "structure")
+    if checkpoint is not None:
+        args[1] = str(checkpoint)
+    return args
 
 
 def _edited_checkpoint(tmp_path, edit) -> Path:
@@ -458,7 +457,6 @@ def test_case17_bad_config_value_and_random_bytes_name_the_file(tmp_path, caplog
 @pytest.mark.parametrize("where", ["full-disk", "read-only"])
 def test_case13_unwritable_output_is_a_clear_error_and_leaves_nothing(tmp_path, caplog, monkeypatch, where):
     import errno
-    import tempfile
 
     import salmonn.conversion.convert_salmonn as convert
     import salmonn.conversion.io_utils as io_utils

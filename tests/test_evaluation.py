@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 
 from salmonn.evaluation import metrics
-from salmonn.evaluation.evaluate import (
-    _load_joined_audio,
-    build_prompt,
-    load_manifest,
-    main,
-    read_predictions,
-)
+from salmonn.evaluation.evaluate import _load_joined_audio, main
+from salmonn.evaluation.items import build_prompt, load_manifest
+from salmonn.evaluation.results import read_predictions
 from salmonn.evaluation.normalizers import english_normalizer, load_spelling_mapping
 from salmonn.evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
 

@@ -13,7 +13,7 @@ from salmonn.conversion.convert_salmonn import main as convert_main
 from salmonn.training.collator import SalmonnDataCollator
 from salmonn.training.data import SalmonnTrainDataset, load_manifest
 from salmonn.training.prompts import PromptPool
-from tests.utils import FIXTURE_A, fixture_golden, read_wav
+from tests.utils import FIXTURE_A, fixture_a_convert_args, fixture_golden, read_wav
 
 
 GOLDEN = fixture_golden()
@@ -25,16 +25,7 @@ PROMPT_BEFORE = 1 + len(GOLDEN["prompt_before_ids"])  # bos + the prompt ids bef
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
     output = tmp_path_factory.mktemp("golden") / "salmonn-tiny-a"
-    code = convert_main(
-        [
-            "--salmonn-checkpoint", str(FIXTURE_A / "salmonn.pth"),
-            "--whisper", str(FIXTURE_A / "whisper"),
-            "--beats", str(FIXTURE_A / "beats.pt"),
-            "--llm", str(FIXTURE_A / "llm"),
-            "--output", str(output),
-            "--qformer-num-attention-heads", "4",
-        ]
-    )
+    code = convert_main(fixture_a_convert_args(output))
     assert code == 0
     return output
 

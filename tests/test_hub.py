@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from modeling_salmonn.integrations_salmonn import salmonn_lora_config
-from modeling_salmonn.modeling_salmonn import REMOTE_CODE_FILES
+from modeling_salmonn.modelcard_salmonn import REMOTE_CODE_FILES
 from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
 from salmonn.training.train import main as train_main
 from tests.utils import randomize_lora, run_fresh_python, save_tiny_checkpoint, tiny_model_and_processor

@@ -13,7 +13,7 @@ import torch
 
 from salmonn.inference import engine
 from salmonn.inference.infer import main as infer_main
-from tests.utils import FIXTURE_A, fixture_golden, randomize_lora, read_wav, save_tiny_checkpoint, tiny_model_and_processor
+from tests.utils import FIXTURE_A, fixture_a_convert_args, fixture_golden, randomize_lora, read_wav, save_tiny_checkpoint, tiny_model_and_processor
 
 
 AUDIO_KEYS = ("input_features", "input_values", "input_values_mask")
@@ -606,9 +606,7 @@ def test_batch_equals_single_on_converted_fixture_a(tmp_path):
 
     output = tmp_path / "salmonn-tiny-a"
     assert convert_main(
-        ["--salmonn-checkpoint", str(FIXTURE_A / "salmonn.pth"), "--whisper", str(FIXTURE_A / "whisper"),
-         "--beats", str(FIXTURE_A / "beats.pt"), "--llm", str(FIXTURE_A / "llm"), "--output", str(output),
-         "--qformer-num-attention-heads", "4"]
+        fixture_a_convert_args(output)
     ) == 0
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)

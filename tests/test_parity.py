@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from salmonn.conversion.convert_salmonn import main as convert_main
-from tests.utils import FIXTURE_A, SPECTROGRAM_TOLERANCE_VS_4_28, fixture_golden, read_wav
+from tests.utils import FIXTURE_A, SPECTROGRAM_TOLERANCE_VS_4_28, fixture_a_convert_args, fixture_golden, read_wav
 
 
 GOLDEN = fixture_golden()
@@ -20,16 +20,7 @@ def converted(tmp_path_factory):
     from transformers import AutoModel, AutoProcessor
 
     output = tmp_path_factory.mktemp("conversion") / "salmonn-tiny-a"
-    code = convert_main(
-        [
-            "--salmonn-checkpoint", str(FIXTURE_A / "salmonn.pth"),
-            "--whisper", str(FIXTURE_A / "whisper"),
-            "--beats", str(FIXTURE_A / "beats.pt"),
-            "--llm", str(FIXTURE_A / "llm"),
-            "--output", str(output),
-            "--qformer-num-attention-heads", "4",
-        ]
-    )
+    code = convert_main(fixture_a_convert_args(output))
     assert code == 0
     model = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)

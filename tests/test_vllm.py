@@ -391,7 +391,8 @@ def test_serving_benchmark_smoke(tmp_path):
 def test_salmonn_eval_engine_vllm_records_the_default_engines_hypotheses(checkpoint, tmp_path):
     import soundfile
 
-    from salmonn.evaluation.evaluate import main, read_predictions
+    from salmonn.evaluation.evaluate import main
+    from salmonn.evaluation.results import read_predictions
 
     directory = checkpoint[0]
     soundfile.write(tmp_path / "a.wav", CLIPS[0][1][0][0], 16000, subtype="FLOAT")

@@ -24,6 +24,19 @@ def fixture_golden() -> dict:
     return json.loads((FIXTURE_A / "golden.json").read_text())
 
 
+def fixture_a_convert_args(output: Path, *extra: str) -> list[str]:
+    """salmonn-convert's arguments for fixture A (its Q-Former has 4 heads, which the weights cannot tell)."""
+    return [
+        "--salmonn-checkpoint", str(FIXTURE_A / "salmonn.pth"),
+        "--whisper", str(FIXTURE_A / "whisper"),
+        "--beats", str(FIXTURE_A / "beats.pt"),
+        "--llm", str(FIXTURE_A / "llm"),
+        "--output", str(output),
+        "--qformer-num-attention-heads", "4",
+        *extra,
+    ]
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     import soundfile
 

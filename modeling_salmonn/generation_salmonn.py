@@ -1,0 +1,105 @@
+"""
+Generation for SALMONN: the original decode settings, and `generate` with the audio encoded once per prompt (before
+beam search repeats the rows), with the checks that keep a request from failing silently.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.utils import logging
+
+from .configuration_salmonn import SalmonnConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Inputs that hold one row per 30 s audio segment rather than one row per prompt.
+AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
+
+
+def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
+    """The original decode settings (configs/decode_config.yaml): deterministic 4-beam search, 200 new tokens."""
+    text = config.text_config
+    return GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        num_beams=4,
+        max_new_tokens=200,
+        do_sample=False,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+    )
+
+
+class SalmonnGenerationMixin(GenerationMixin):
+    """`generate` of `SalmonnForConditionalGeneration` (which holds the audio path as `self.model`)."""
+
+    def _check_streamer(self, kwargs: dict) -> None:
+        """Streaming needs greedy or sampled decoding, and SALMONN's default decode is the original's 4 beams."""
+        if kwargs.get("streamer") is None:
+            return
+        num_beams = kwargs.get("num_beams") or (kwargs.get("generation_config") or self.generation_config).num_beams
+        if num_beams > 1:
+            raise ValueError(
+                f"`streamer` works only with num_beams=1, but this generation uses num_beams={num_beams} (SALMONN's "
+                "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
+            )
+
+    def _fit_context(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """
+        A prompt that does not fit the language model's context is an error; an answer that would run past it is
+        cut at the context's end (with a warning) instead of going on at positions the model was never trained on.
+        """
+        limit = self.config.text_config.max_position_embeddings
+        if prompt is None or not limit:
+            return
+        length = prompt.shape[1]
+        if length >= limit:
+            raise ValueError(
+                f"The prompt is {length} positions long (audio placeholders included: "
+                f"{self.config.audio_tokens_per_segment} per 30 s of audio), but the language model's context is "
+                f"{limit}; shorten the text or the audio"
+            )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is None:
+            max_length = kwargs.get("max_length", generation_config.max_length)
+            if max_length is None or max_length > limit:
+                kwargs["max_length"] = limit
+        elif length + max_new_tokens > limit:
+            logger.warning(
+                f"The prompt takes {length} of the language model's {limit} positions: the answer is cut at "
+                f"{limit - length} new tokens instead of max_new_tokens={max_new_tokens}"
+            )
+            kwargs["max_new_tokens"] = limit - length
+
+    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
+        """
+        `GenerationMixin.generate` with the audio encoded once per prompt, before beam search or
+        `num_return_sequences` repeat the rows: every beam shares the embeddings instead of encoding each 30 s
+        segment again. Takes the processor's output as is; see `GenerationMixin.generate` for the rest.
+        """
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
+        self._check_streamer(kwargs)
+        self._fit_context(input_ids if input_ids is not None else kwargs.get("inputs_embeds"), kwargs)
+        audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}
+        if audio["input_features"] is None and input_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
+            raise ValueError(
+                "`input_ids` holds audio placeholder tokens but no audio was given: pass the processor's whole output "
+                "(`SalmonnProcessor(text=..., audio=...)`), or use pipeline('any-to-any') for audio conversations"
+            )
+        if audio["input_features"] is not None:
+            if input_ids is None or kwargs.get("inputs_embeds") is not None:
+                raise ValueError("Audio inputs need `input_ids` with audio placeholders and no `inputs_embeds`")
+            if kwargs.get("use_cache") is False:
+                # Without a cache every step re-reads the whole prompt, audio placeholders included.
+                raise ValueError("Generation from audio needs `use_cache=True`")
+            with torch.no_grad():
+                kwargs["inputs_embeds"], _ = self.model.embed_inputs(input_ids, **audio)
+        return super().generate(input_ids, **kwargs)
+
+
+__all__ = ["AUDIO_INPUT_NAMES", "SalmonnGenerationMixin", "original_generation_config"]
