@@ -278,11 +278,15 @@ def upload_folder_to_hub(
 
 
 def copy_remote_code(folder: str | os.PathLike, overwrite: bool = True) -> None:
-    """Copies the model's code files into `folder`, which then loads with `trust_remote_code=True` (see `AUTO_MAP`)."""
+    """
+    Copies the model's code files into `folder`, which then loads with `trust_remote_code=True` (see `AUTO_MAP`).
+    Loaded as remote code, this module sits in transformers' module cache beside only the files the model imports:
+    the processor's files then come with the processor's own `save_pretrained`.
+    """
     source_dir = Path(__file__).resolve().parent
     for name in REMOTE_CODE_FILES:
         target = Path(folder) / name
-        if overwrite or not target.exists():
+        if (source_dir / name).is_file() and (overwrite or not target.exists()):
             shutil.copyfile(source_dir / name, target)
 
 

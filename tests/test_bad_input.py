@@ -458,14 +458,13 @@ def test_case17_bad_config_value_and_random_bytes_name_the_file(tmp_path, caplog
 def test_case13_unwritable_output_is_a_clear_error_and_leaves_nothing(tmp_path, caplog, monkeypatch, where):
     import errno
 
-    import salmonn.conversion.convert_salmonn as convert
     import salmonn.conversion.io_utils as io_utils
 
     if where == "full-disk":
         def fail(*args, **kwargs):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(convert, "write_safetensors_streaming", fail)
+        monkeypatch.setattr(io_utils, "write_safetensors_streaming", fail)
         reason = "No space left on device"
     else:
         def fail(*args, **kwargs):

@@ -87,7 +87,8 @@ def test_dtype_and_quantize_reach_the_loaded_model(checkpoint, tmp_path, monkeyp
     _answer(capsys)
     bf16, int8 = calls["generate"]
     assert calls["load"][0]["dtype"] == "bfloat16" and calls["load"][1]["quantize"] == "int8"
-    assert bf16["llm_dtype"] == bf16["encoder_dtype"] == bf16["input_features_dtype"] == torch.bfloat16
+    # The processor's float32 features; the model casts them for each encoder.
+    assert bf16["llm_dtype"] == bf16["encoder_dtype"] == torch.bfloat16 and bf16["input_features_dtype"] == torch.float32
     assert bf16["quantized_layers"] == 0
     # int8: 7 quantized linear layers in each of the 2 decoder layers; the LLM computes in bf16, the encoders in fp32
     assert int8["quantized_layers"] == 14 and int8["llm_dtype"] == torch.bfloat16 and int8["encoder_dtype"] == torch.float32

@@ -208,7 +208,7 @@ def _assert_flat_remote_code(folder):
     py_files = sorted(p.name for p in folder.glob("*.py"))
     assert py_files == sorted(
         ["configuration_salmonn.py", "modeling_beats.py", "modeling_salmonn.py", "feature_extraction_salmonn.py", "processing_salmonn.py",
-         "integrations_salmonn.py", "modelcard_salmonn.py"]
+         "integrations_salmonn.py", "modelcard_salmonn.py", "generation_salmonn.py"]
     )
     assert not [p for p in folder.iterdir() if p.is_dir()]
     allowed = {"torch", "transformers", "peft", "numpy", *sys.stdlib_module_names}
