@@ -559,6 +559,15 @@ def test_case15_audio_token_index_is_validated(saved, tmp_path, tiny):
             model(**inputs)
 
 
+def test_case22_output_loading_info_returns_the_model_and_the_info(saved):
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(saved, trust_remote_code=True, output_loading_info=True)
+    assert type(model).__name__ == "SalmonnForConditionalGeneration" and model.lm_head.weight.shape[0] > 0
+    assert set(info) >= {"missing_keys", "unexpected_keys", "mismatched_keys"}
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
     import shutil
 

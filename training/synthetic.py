@@ -54,8 +54,7 @@ def noise(seconds: float, rate: int = SAMPLING_RATE, amplitude: float = 0.3, see
 
 def speak(text: str, rate: int = SAMPLING_RATE, speed: int = 150, pitch: int = 50, voice: str = "en") -> np.ndarray:
     """Speech from espeak-ng (22.05 kHz), resampled to `rate`."""
-    import soundfile
-    import soxr
+    from salmonn.audio import read_audio, resample
 
     if not espeak_available():
         raise RuntimeError("espeak-ng is not installed (apt-get install -y espeak-ng)")
@@ -65,10 +64,8 @@ def speak(text: str, rate: int = SAMPLING_RATE, speed: int = 150, pitch: int = 5
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"espeak-ng failed ({result.returncode}): {result.stderr.strip()}")
-        audio, file_rate = soundfile.read(wav, dtype="float64")
-    if audio.ndim == 2:
-        audio = audio[:, 0]
-    audio = soxr.resample(audio, file_rate, rate) if file_rate != rate else audio
+        audio, file_rate = read_audio(wav)
+    audio = resample(audio, file_rate, rate)
     peak = float(np.max(np.abs(audio))) or 1.0
     return 0.6 * audio / peak
 
