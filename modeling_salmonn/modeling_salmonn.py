@@ -32,6 +32,12 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`, in forward arguments and in the output classes;
 # vLLM pins transformers < 5.20. Only the name differs: this is the installed version's.
 CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+# `past_key_values=` reaches `forward` as `cache`: with transformers' deprecation warning from 5.24 on, and silently
+# before (where the generation loop itself still passes the old name; a version at or below the installed one is
+# transformers' way of saying "no warning").
+accepts_old_cache_name = deprecate_kwarg(
+    "past_key_values", version="5.40.0" if CACHE_NAME == "cache" else "0", new_name="cache"
+)
 
 # Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
 # keeping batches large enough to use the matrix kernels well.
@@ -319,7 +325,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask, audio_features.to(inputs_embeds.device, inputs_embeds.dtype))
         return inputs_embeds, audio_features
 
-    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
+    @accepts_old_cache_name
     @can_return_tuple
     def forward(
         self,
@@ -425,7 +431,7 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
         """See [`SalmonnModel.get_audio_features`]; `pooler_output` holds the projected audio embeddings."""
         return self.model.get_audio_features(input_features, input_values, input_values_mask, **kwargs)
 
-    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
+    @accepts_old_cache_name
     @can_return_tuple
     def forward(
         self,
