@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling_salmonn.feature_extraction_salmonn import MAX_ABS_AMPLITUDE
 from salmonn.audio import join_with_silence, read_audio
 
 from .prompts import PromptPool
@@ -33,10 +34,6 @@ ITEM_KEYS = ("id", "path", "array", "sampling_rate", "text", "task", "Q", "expan
 
 # --------------------------------------------------------------------------------------------------------------
 # audio
-
-
-# Float audio lies in [-1, 1]; samples beyond this are a wrong scale or garbage, and make the loss overflow.
-MAX_ABS_AMPLITUDE = 1e6
 
 
 def check_samples(audio: np.ndarray, name: str) -> np.ndarray:
