@@ -39,9 +39,16 @@ accepts_old_cache_name = deprecate_kwarg(
     "past_key_values", version="5.40.0" if CACHE_NAME == "cache" else "0", new_name="cache"
 )
 
-# Segments encoded together: bounds the encoders' activation memory for long audio (10 min = 20 segments) while
-# keeping batches large enough to use the matrix kernels well.
+# Segments encoded together on an accelerator: bounds the encoders' activation memory for long audio (10 min = 20
+# segments) while keeping batches large enough to use the matrix kernels well. On the CPU one 30 s segment already
+# keeps every core busy, and batches were measured slower per segment (larger activations out of cache; BEATs also
+# pays for the padding of shorter clips), so there each segment is encoded on its own.
 AUDIO_SEGMENTS_PER_CHUNK = 8
+CPU_AUDIO_SEGMENTS_PER_CHUNK = 1
+
+
+def _segments_per_chunk(device: torch.device) -> int:
+    return CPU_AUDIO_SEGMENTS_PER_CHUNK if device.type == "cpu" else AUDIO_SEGMENTS_PER_CHUNK
 
 
 @dataclass
@@ -182,7 +189,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         encoder_dtype = self.speech_encoder.conv1.weight.dtype
         speech_outputs = [
             self.speech_encoder(chunk.to(encoder_dtype), return_dict=True, **whisper_kwargs)
-            for chunk in input_features.split(AUDIO_SEGMENTS_PER_CHUNK)
+            for chunk in input_features.split(_segments_per_chunk(input_features.device))
         ]
         speech_embeds = torch.cat([output.last_hidden_state for output in speech_outputs])
         speech_embeds = self.ln_speech(speech_embeds.to(self.ln_speech.weight.dtype))
@@ -222,7 +229,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         clips from 2 s to 30 s would otherwise pay for 30 s each.
         """
         beats_dtype = self.beats.patch_embedding.weight.dtype
-        num_segments = input_values.shape[0]
+        num_segments, per_chunk = input_values.shape[0], _segments_per_chunk(input_values.device)
         # Without a mask every frame counts as audio (as in the original), so the groups are runs of 8 in order.
         if input_values_mask is None:
             lengths = [input_values.shape[1]] * num_segments
@@ -231,7 +238,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         groups: list[list[int]] = []
         for index in sorted(range(num_segments), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
             group = groups[-1] if groups else None
-            if group and len(group) < AUDIO_SEGMENTS_PER_CHUNK and lengths[index] >= 0.75 * lengths[group[0]]:
+            if group and len(group) < per_chunk and lengths[index] >= 0.75 * lengths[group[0]]:
                 group.append(index)
             else:
                 groups.append([index])

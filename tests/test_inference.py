@@ -110,7 +110,7 @@ def test_generate_encodes_each_segment_once_for_all_beams(sharp, monkeypatch):
     kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)
-    assert encoded == [5] and out.shape[0] == 6
+    assert encoded == [1] * 5 and out.shape[0] == 6  # 5 segments, each encoded once (alone, on the CPU)
     # Each prompt's returned beams are those of the prompt alone: its own segments stayed together.
     width = batch["input_ids"].shape[1]
     for i, (text, audio) in enumerate(zip(texts, clips)):
@@ -133,18 +133,22 @@ def test_segments_are_encoded_in_bounded_chunks_with_the_same_result(sharp, monk
     model, processor = sharp
     clips = [clip(95.0, 440.0, 0), clip(3.0, 880.0, 1), clip(4.5, 300.0, 2)]  # 30+30+30+5 s, 3 s, 4.5 s
     batch = processor(text=[processor.format_prompt("Describe.")] * 3, audio=clips, sampling_rate=RATE)
-    whole = _audio_features(model, batch)
     whisper_rows, beats_calls = [], []
     whisper, beats = model.model.speech_encoder.forward, model.model.beats.forward
     monkeypatch.setattr(model.model.speech_encoder, "forward", lambda x, **kw: whisper_rows.append(x.shape[0]) or whisper(x, **kw))
     monkeypatch.setattr(model.model.beats, "forward", lambda x, **kw: beats_calls.append((x.shape[1], kw["attention_mask"].sum(-1).tolist())) or beats(x, **kw))
-    monkeypatch.setattr(modeling, "AUDIO_SEGMENTS_PER_CHUNK", 2)
+    # On the CPU every segment is encoded alone, BEATs without any padding.
+    whole = _audio_features(model, batch)
+    frames = batch["input_values_mask"].sum(-1).tolist()
+    assert whisper_rows == [1] * 6
+    assert sorted(beats_calls) == sorted((n, [n]) for n in frames)
+    whisper_rows.clear(), beats_calls.clear()
+    monkeypatch.setattr(modeling, "CPU_AUDIO_SEGMENTS_PER_CHUNK", 2)  # as on an accelerator, with chunks of 2
     chunked = _audio_features(model, batch)
     torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=0)
     assert whisper_rows == [2, 2, 2]
     # BEATs gets segments of similar length together (at most 2 here), cut to the longest of them: the 5 s tail
     # and the 4.5 s clip share a call; the 3 s clip is not padded to 5 s.
-    frames = batch["input_values_mask"].sum(-1).tolist()
     assert sorted(n for _, lengths in beats_calls for n in lengths) == sorted(frames)
     assert all(width == max(lengths) and len(lengths) <= 2 and min(lengths) >= 0.75 * width for width, lengths in beats_calls)
     assert len(beats_calls) == 4 and sorted(len(lengths) for _, lengths in beats_calls) == [1, 1, 2, 2]
@@ -647,7 +651,8 @@ def test_benchmark_scripts_run_on_the_tiny_model(capsys):
     assert "batch 2: speed-up over one-by-one" in out and "[cpu int8 LLM] LLM weights" in out and "tokens/s" in out
     assert "even free decoding would give a batch speed-up of at most" in out
     assert "(Q-Former, LayerNorms and projection in float32): relative error" in out
-    assert re.search(r"BEATs length grouping, 2 clips at batch 2: audio encoding [\d.]+ s -> [\d.]+ s, the whole batch [\d.]+ s -> [\d.]+ s", out)
+    assert re.search(r"audio encoding of 2 clips at batch 2 \(the whole batch's generate\): padded [\d.]+ s \([\d.]+ s\), "
+                     r"grouped by 8 [\d.]+ s \([\d.]+ s\), alone [\d.]+ s \([\d.]+ s\)", out)
     assert long_audio_benchmark(["--size", "tiny", "--durations", "30", "65"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().endswith("Mi")]
     assert [(r[2], r[3]) for r in rows] == [("1", "88"), ("3", "264")]
