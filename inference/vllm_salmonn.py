@@ -161,7 +161,14 @@ class SalmonnMultiModalProcessor(BaseMultiModalProcessor[SalmonnProcessingInfo])
         rate = processor.feature_extractor.sampling_rate
         with timing_ctx.record("apply_hf_processor"):
             outputs = processor(text=text, audio=audios or None, sampling_rate=rate)
-        num_segments = [len(processor.feature_extractor.to_segments(a, sampling_rate=rate)) for a in audios]
+        # The data parser handed over each audio as its 16 kHz segments back to back, which the processor cut again.
+        per_segment_samples = processor.feature_extractor.n_samples
+        num_segments = [math.ceil(len(audio) / per_segment_samples) for audio in audios]
+        if audios and outputs["input_features"].shape[0] != sum(num_segments):
+            raise RuntimeError(
+                f"SalmonnProcessor cut the audios into {outputs['input_features'].shape[0]} segments, expected "
+                f"{sum(num_segments)} (the data parser's 16 kHz audio and the processor disagree)"
+            )
         prompt_ids = outputs["input_ids"][0].tolist()
 
         # Each audio's placeholders are the next run of `segments x audio_tokens_per_segment` placeholder ids.
