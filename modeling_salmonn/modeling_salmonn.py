@@ -230,7 +230,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         """
         beats_dtype = self.beats.patch_embedding.weight.dtype
         num_segments, per_chunk = input_values.shape[0], _segments_per_chunk(input_values.device)
-        # Without a mask every frame counts as audio (as in the original), so the groups are runs of `per_chunk` in order.
+        # Without a mask every frame counts as audio (as in the original): the groups are runs of `per_chunk`, in order.
         if input_values_mask is None:
             lengths = [input_values.shape[1]] * num_segments
         else:
