@@ -586,3 +586,26 @@ def test_atomic_output_dir(tmp_path):
     with pytest.raises(FileExistsError, match="not a folder"):
         with atomic_output_dir(tmp_path / "file", overwrite=True):
             pass
+
+
+@pytest.mark.parametrize("gru_rel_pos", [True, False])
+def test_attention_bias_is_the_gated_position_bias_plus_key_padding_exactly(gru_rel_pos):
+    # The bias is built in one pass (addcmul) over a contiguous position bias; it must equal the plain formula
+    # bit for bit, with and without padded keys, whatever the layout of the position bias.
+    config = BeatsConfig(encoder_embed_dim=64, encoder_attention_heads=4, gru_rel_pos=gru_rel_pos)
+    attention = modeling_beats.BeatsAttention(config).eval()
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 9, 16)
+    position_bias = torch.randn(9, 9, 4).permute(2, 0, 1)  # strided, as an embedding lookup gives it
+    padding = torch.tensor([[False] * 9, [False] * 6 + [True] * 3])
+    key_padding_bias = torch.zeros(2, 9).masked_fill(padding, float("-inf"))[:, None, None, :]
+    if gru_rel_pos:
+        gates = attention.grep_linear(query).view(2, 4, 9, 2, 4).sum(-1)
+        gate_a, gate_b = torch.sigmoid(gates).chunk(2, dim=-1)
+        expected = (gate_a * (gate_b * attention.grep_a - 1.0) + 2.0) * position_bias.unsqueeze(0)
+    else:
+        expected = position_bias.unsqueeze(0).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        assert torch.equal(attention._attention_bias(query, position_bias, None).expand(2, -1, -1, -1), expected)
+        assert torch.equal(attention._attention_bias(query, position_bias.contiguous(), key_padding_bias), expected + key_padding_bias)
+        assert torch.equal(attention._attention_bias(query, None, key_padding_bias), key_padding_bias)
