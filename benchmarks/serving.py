@@ -61,14 +61,10 @@ def build_model(size: str, seed: int, dtype):
     midsize = _import_midsize()
     if size == "mid":
         return midsize.build_midsize(seed=seed, dtype=dtype)
-    from salmonn.inference.tiny import build_tiny_model_and_processor, build_tiny_tokenizer
+    from salmonn.inference.tiny import build_tiny_model_and_processor, build_tiny_tokenizer, tiny_text_config
 
     pad_id = build_tiny_tokenizer().pad_token_id
-    text_config = dict(
-        model_type="llama", vocab_size=pad_id + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=pad_id,
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    text_config = tiny_text_config(pad_id + 1, pad_id, num_attention_heads=2)
     model, processor = build_tiny_model_and_processor(seed=seed, text_config=text_config)
     return midsize.cast_like_from_pretrained(model, dtype), processor
 

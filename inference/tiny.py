@@ -63,6 +63,26 @@ def build_tiny_tokenizer(vocab_size: int = 400):
     return add_salmonn_tokens(tokenizer)
 
 
+def tiny_text_config(vocab_size: int, pad_token_id: int, num_attention_heads: int = 4) -> dict:
+    """
+    The tiny LLaMA. vLLM's CPU attention only supports some head sizes (32 is the smallest): models served there take
+    `num_attention_heads=2` (heads of 32 channels instead of 16).
+    """
+    return dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        max_position_embeddings=2048,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 def tiny_config(vocab_size: int, audio_token_index: int, pad_token_id: int, **overrides) -> SalmonnConfig:
     """Every dimension small, every mechanism of the real model present (windows, LoRA, gated BEATs bias)."""
     kwargs = dict(
@@ -88,19 +108,7 @@ def tiny_config(vocab_size: int, audio_token_index: int, pad_token_id: int, **ov
             conv_pos_groups=4,
         ),
         qformer_config=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-            pad_token_id=pad_token_id,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=tiny_text_config(vocab_size, pad_token_id),
         audio_token_index=audio_token_index,
     )
     kwargs.update(overrides)

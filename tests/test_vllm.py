@@ -57,22 +57,10 @@ def tone(seconds: float, rate: int, freq: float, seed: int) -> np.ndarray:
 
 def build_checkpoint(directory: Path):
     """A tiny SALMONN whose LLM heads have 32 channels (a size vLLM's CPU attention supports), LoRA randomised."""
-    from salmonn.inference.tiny import build_tiny_tokenizer
+    from salmonn.inference.tiny import build_tiny_tokenizer, tiny_text_config
 
     pad_id = build_tiny_tokenizer().pad_token_id
-    text_config = dict(
-        model_type="llama",
-        vocab_size=pad_id + 1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=pad_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text_config = tiny_text_config(pad_id + 1, pad_id, num_attention_heads=2)
     model, processor = tiny_model_and_processor(seed=3, text_config=text_config)
     randomize_lora(model, seed=3)
     processor.feature_extractor.max_audio_seconds = MAX_AUDIO_SECONDS
