@@ -12,14 +12,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from salmonn.training.collator import SalmonnDataCollator
 from salmonn.training.data import SalmonnTrainDataset, load_manifest
 from salmonn.training.prompts import PromptPool
-from salmonn.training.synthetic import SOUND_CLASSES, write_dataset
+from salmonn.training.synthetic import write_dataset
 from salmonn.training.train import main
 from salmonn.training.trainer import token_accuracy
-from tests.test_training import _args
+from tests.test_training import NON_SPEECH, _args
 from tests.utils import save_tiny_checkpoint
 
-
-NON_SPEECH = [c for c in SOUND_CLASSES if c.kind != "speech"]
 
 
 @pytest.fixture(scope="module")
