@@ -53,9 +53,9 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>base_layer|lora_A|lora_B)(?:\
 
 class SalmonnDataParser(MultiModalDataParser):
     """
-    Audio goes through `SalmonnFeatureExtractor.to_segments` (checks, any sampling rate resampled with soxr as for
-    `generate`, the length limit at the audio's own rate) instead of vLLM's resampler; the 16 kHz segments are put
-    back to back, which the processor cuts again into the same segments (as `salmonn-infer` does).
+    Audio goes through `SalmonnFeatureExtractor.prepare_audio` (checks, any sampling rate resampled with soxr as for
+    `generate`, the length limit at the audio's own rate) instead of vLLM's resampler; the processor cuts the 16 kHz
+    waveform into segments (as for `salmonn-infer`).
     """
 
     def __init__(self, feature_extractor, **kwargs):
@@ -73,8 +73,7 @@ class SalmonnDataParser(MultiModalDataParser):
                 raise ValueError(f"audio[{index}]: SALMONN needs the audio itself, not only its uuid")
             audio, rate = item if isinstance(item, tuple) else (item, None)
             rate = self.feature_extractor.sampling_rate if rate is None else rate
-            segments = self.feature_extractor.to_segments(audio, sampling_rate=rate, name=f"audio[{index}]")
-            audios.append(np.concatenate(segments))
+            audios.append(self.feature_extractor.prepare_audio(audio, sampling_rate=rate, name=f"audio[{index}]"))
         return AudioProcessorItems(audios)
 
 
@@ -161,7 +160,7 @@ class SalmonnMultiModalProcessor(BaseMultiModalProcessor[SalmonnProcessingInfo])
         rate = processor.feature_extractor.sampling_rate
         with timing_ctx.record("apply_hf_processor"):
             outputs = processor(text=text, audio=audios or None, sampling_rate=rate)
-        # The data parser handed over each audio as its 16 kHz segments back to back, which the processor cut again.
+        # The data parser handed over each audio as its 16 kHz waveform, which the processor cut into 30 s segments.
         per_segment_samples = processor.feature_extractor.n_samples
         num_segments = [math.ceil(len(audio) / per_segment_samples) for audio in audios]
         if audios and outputs["input_features"].shape[0] != sum(num_segments):
