@@ -91,6 +91,9 @@ class SalmonnGenerationMixin(GenerationMixin):
                 "`input_ids` holds audio placeholder tokens but no audio was given: pass the processor's whole output "
                 "(`SalmonnProcessor(text=..., audio=...)`), or use pipeline('any-to-any') for audio conversations"
             )
+        if audio["input_features"] is None and input_ids is not None:
+            # Checked here, once: the prompt's prefill may be a one-token cached step, which is not checked.
+            self.model.check_input_ids(input_ids, has_audio=False)
         if audio["input_features"] is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:
                 raise ValueError("Audio inputs need `input_ids` with audio placeholders and no `inputs_embeds`")
@@ -99,7 +102,8 @@ class SalmonnGenerationMixin(GenerationMixin):
                 raise ValueError("Generation from audio needs `use_cache=True`")
             with torch.no_grad():
                 kwargs["inputs_embeds"], _ = self.model.embed_inputs(input_ids, **audio)
-        return super().generate(input_ids, **kwargs)
+        with self.merged_lora():
+            return super().generate(input_ids, **kwargs)
 
 
 __all__ = ["AUDIO_INPUT_NAMES", "SalmonnGenerationMixin", "original_generation_config"]

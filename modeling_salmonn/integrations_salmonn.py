@@ -3,13 +3,16 @@ a PEFT adapter, and a `quantization_config` quantizes the language model only.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -198,8 +201,85 @@ def quantize_language_model_only(quantization) -> None:
         setattr(quantization, name, skip)
 
 
+MERGED_WEIGHT_NAME = "salmonn_merged_weight"
+
+
+class MergedLoraLinear(LoraLinear):
+    """
+    A LoRA layer of SALMONN's adapter while `generate` runs: one matmul with `W + scaling * B @ A`, the cost of the
+    plain layer (see `SalmonnLoraMixin.merged_lora`). Its parameters are those of the peft layer, untouched.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.salmonn_merged_weight, self.base_layer.bias)
+
+
+def _can_merge(layer: LoraLayer) -> bool:
+    """A plain peft `Linear` over a plain `nn.Linear` with SALMONN's adapter alone active: not quantized, offloaded,
+    peft-merged or disabled, and no user adapter beside it."""
+    base = layer.base_layer if isinstance(layer, LoraLayer) else None
+    return (
+        type(layer) in (LoraLinear, MergedLoraLinear)
+        and type(base) is torch.nn.Linear
+        and type(base.weight) is torch.nn.Parameter
+        and base.weight.device.type != "meta"
+        and not hasattr(base, "_hf_hook")
+        and list(layer.active_adapters) == [SALMONN_ADAPTER_NAME]
+        and list(layer.lora_A) == [SALMONN_ADAPTER_NAME]
+        and not layer.disable_adapters
+        and not layer.merged
+        and not layer.lora_variant
+        and not getattr(layer, "lora_bias", {}).get(SALMONN_ADAPTER_NAME, False)
+    )
+
+
+def _refresh_merged_weight(layer: LoraLayer) -> None:
+    """`W + scaling * B @ A`, summed in float32 and rounded once to W's dtype, in a non-persistent buffer kept beside
+    W (written in place when its shape, dtype and device still fit, so that a compiled step keeps reading it)."""
+    weight = layer.base_layer.weight
+    lora_a, lora_b = layer.lora_A[SALMONN_ADAPTER_NAME].weight, layer.lora_B[SALMONN_ADAPTER_NAME].weight
+    delta = (lora_b.float() @ lora_a.float()).to(weight.device) * layer.scaling[SALMONN_ADAPTER_NAME]
+    merged = (weight.float() + delta).to(weight.dtype)
+    buffer = layer._buffers.get(MERGED_WEIGHT_NAME)
+    if buffer is not None and buffer.shape == merged.shape and buffer.dtype == merged.dtype and buffer.device == merged.device:
+        buffer.copy_(merged)
+    else:
+        layer.register_buffer(MERGED_WEIGHT_NAME, merged, persistent=False)
+
+
 class SalmonnLoraMixin:
     """SALMONN's LoRA on a model holding the language model as `self.model.language_model`."""
+
+    # -- LoRA at the cost of the plain LLM while generating (DESIGN.md section 8) ----------------------------
+
+    @contextlib.contextmanager
+    def merged_lora(self) -> Iterator[int]:
+        """
+        While not training, SALMONN's LoRA layers run as one matmul with `W + scaling * B @ A`, recomputed from the
+        current weights and scaling on entry (a few ms on a GPU), for the duration of the block. The parameters are
+        never changed: state dicts, saved folders and PEFT adapters are what they would be without it. Layers that
+        cannot be merged exactly this way (quantized or offloaded base weights, a user's adapter beside SALMONN's,
+        peft's own merge) stay live. Yields the number of merged layers.
+        """
+        depth = self.__dict__.get("_salmonn_merge_depth", 0)
+        layers = [] if self.training or depth else [layer for layer in self._lora_layers() if _can_merge(layer)]
+        with torch.no_grad():
+            for layer in layers:
+                _refresh_merged_weight(layer)
+                layer.__class__ = MergedLoraLinear
+        self.__dict__["_salmonn_merge_depth"] = depth + 1
+        try:
+            yield len(layers)
+        finally:
+            self.__dict__["_salmonn_merge_depth"] = depth
+            for layer in layers:
+                layer.__class__ = LoraLinear
+
+    def free_merged_lora(self) -> None:
+        """Frees the merged weights `merged_lora` keeps between calls (training does not use them)."""
+        for layer in self._lora_layers():
+            if MERGED_WEIGHT_NAME in layer._buffers:
+                delattr(layer, MERGED_WEIGHT_NAME)
 
     # -- LoRA scaling (the paper's test-time discount, section 5.2) ------------------------------------------
 

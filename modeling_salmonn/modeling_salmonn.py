@@ -89,6 +89,9 @@ class SalmonnPreTrainedModel(SalmonnHubMixin, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A cached decoding step is the language model's step and nothing else (no host reads, no data-dependent
+    # branches): `generate(cache_implementation="static")` compiles it whole, as it does a stock LLaMA.
+    _can_compile_fullgraph = True
     _no_split_modules = ["LlamaDecoderLayer", "WhisperEncoderLayer"]
     # Loaded in bfloat16/float16, the window-level Q-Former and the parts around it stay in float32: they are small
     # (about 0.2% of a 13B model) and halve the error of the audio tokens (bf16: 0.7% -> 0.3% relative).
@@ -296,6 +299,18 @@ class SalmonnModel(SalmonnPreTrainedModel):
                 f"{self.config.audio_token_index}): the processor's tokenizer and the model's config disagree"
             )
 
+    def check_input_ids(self, input_ids: torch.LongTensor, has_audio: bool) -> None:
+        """
+        The checks on a prompt's ids (two host reads): every id lies in the vocabulary or is the audio placeholder,
+        and placeholders come with audio where the placeholder has no embedding row. Run on prompts, not on the
+        ids of cached decoding steps, which the model itself generated.
+        """
+        is_audio = input_ids == self.config.audio_token_index
+        self._check_ids_in_vocabulary(input_ids, is_audio)
+        outside_table = self.config.audio_token_index >= self.get_input_embeddings().num_embeddings
+        if outside_table and not has_audio and bool(is_audio.any()):
+            raise ValueError("`input_ids` holds audio placeholder tokens but no audio features were given")
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor | None,
@@ -303,24 +318,24 @@ class SalmonnModel(SalmonnPreTrainedModel):
         input_values: torch.FloatTensor | None = None,
         input_values_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        check_ids: bool = True,
     ) -> tuple[torch.FloatTensor, torch.FloatTensor | None]:
         """
         Token embeddings (`inputs_embeds`, or those of `input_ids`) with the audio embeddings written over the audio
-        placeholders, in order; also returns the audio embeddings.
+        placeholders, in order; also returns the audio embeddings. `check_ids=False` (cached decoding steps) skips
+        `check_input_ids` and embeds the ids as a stock LLaMA does.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
         placeholder_ids = input_ids
         if inputs_embeds is None:
             embeddings = self.get_input_embeddings()
-            is_audio = input_ids == self.config.audio_token_index
-            self._check_ids_in_vocabulary(input_ids, is_audio)
-            if self.config.audio_token_index >= embeddings.num_embeddings:
-                # Released checkpoints put the placeholder id one past the embedding table (it changes no LLM weight
-                # and can never be generated); look up a harmless id instead.
-                if input_features is None and bool(is_audio.any()):
-                    raise ValueError("`input_ids` holds audio placeholder tokens but no audio features were given")
-                input_ids = input_ids.masked_fill(is_audio, 0)
+            if check_ids:
+                self.check_input_ids(input_ids, has_audio=input_features is not None)
+                if self.config.audio_token_index >= embeddings.num_embeddings:
+                    # Released checkpoints put the placeholder id one past the embedding table (it changes no LLM
+                    # weight and can never be generated); look up a harmless id instead.
+                    input_ids = input_ids.masked_fill(input_ids == self.config.audio_token_index, 0)
             inputs_embeds = embeddings(input_ids)
         audio_features = None
         if input_features is not None:
@@ -347,8 +362,11 @@ class SalmonnModel(SalmonnPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> SalmonnModelOutputWithPast:
+        # A one-token step with a cache and no audio is a decoding step: its id was generated, the prompt was checked.
+        decoding_step = cache is not None and input_features is None and input_ids is not None and input_ids.shape[1] == 1
         inputs_embeds, audio_features = self.embed_inputs(
-            input_ids, input_features, input_values, input_values_mask, inputs_embeds=inputs_embeds
+            input_ids, input_features, input_values, input_values_mask, inputs_embeds=inputs_embeds,
+            check_ids=not decoding_step,
         )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -412,6 +430,8 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
         # drop). Which parameters train is decided in `salmonn.training.trainable`.
         self.model.speech_encoder.eval()
         self.model.beats.eval()
+        if mode:
+            self.free_merged_lora()
         return self
 
     def get_input_embeddings(self) -> nn.Module:
