@@ -224,8 +224,8 @@ def _can_merge(layer: LoraLayer) -> bool:
         and type(base.weight) is torch.nn.Parameter
         and base.weight.device.type != "meta"
         and not hasattr(base, "_hf_hook")
-        and list(layer.active_adapters) == [SALMONN_ADAPTER_NAME]
         and list(layer.lora_A) == [SALMONN_ADAPTER_NAME]
+        and SALMONN_ADAPTER_NAME in layer.active_adapters
         and not layer.disable_adapters
         and not layer.merged
         and not layer.lora_variant
