@@ -99,6 +99,10 @@ class EvalArguments:
     lora_scaling: float | None = field(
         default=None, metadata={"help": "LoRA scaling factor (paper: activation discount)."}
     )
+    static_cache: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "Decode with a static KV cache, compiled on a GPU (auto: on a CUDA GPU only; off: the eager path)."},
+    )
     num_beams: int | None = field(default=None, metadata={"help": "Override the generation config's num_beams."})
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "Override the generation config's max_new_tokens."}

@@ -30,6 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZE_CHOICES = ("int8", "8bit", "4bit")
 
 QUANTO_EXCLUDE = ("*lora_A*", "*lora_B*", "*lora_dropout*")
+STATIC_CACHE_CHOICES = ("auto", "on", "off")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -101,6 +102,7 @@ def load_model_and_processor(
     device_map: str | None = None,
     quantize: str | None = None,
     lora_scaling: float | None = None,
+    static_cache: str = "auto",
 ):
     """
     Loads a SALMONN folder or Hub id with `AutoModel` / `AutoProcessor` (`trust_remote_code=True`).
@@ -114,6 +116,8 @@ def load_model_and_processor(
             float32; CPU or GPU); "8bit" or "4bit" (bitsandbytes for the LLM, CUDA only). The encoders, the Q-Former
             and the projection are never quantized.
         lora_scaling: LoRA scaling factor to set after loading (the paper's test-time discount).
+        static_cache: "auto" (on when the model is on a CUDA GPU), "on" or "off": decode with a static KV cache,
+            whose decoding steps transformers compiles whole on accelerators (see `use_static_cache`).
     """
     from transformers import AutoModel, AutoProcessor
 
@@ -121,6 +125,8 @@ def load_model_and_processor(
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize: expected one of {list(QUANTIZE_CHOICES)} or None, got {quantize!r}")
+    if static_cache not in STATIC_CACHE_CHOICES:
+        raise ValueError(f"static_cache: expected one of {list(STATIC_CACHE_CHOICES)}, got {static_cache!r}")
     check_lora_scaling(lora_scaling)
     torch_dtype = DTYPES[dtype]
     target = resolve_device(device) if device_map is None else None
@@ -156,8 +162,22 @@ def load_model_and_processor(
         previous = model.set_lora_scaling(float(lora_scaling))
         logger.info("LoRA scaling set to %s (was %s)", lora_scaling, previous)
     model.eval()
+    use_static_cache(model, static_cache)
     processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
     return model, processor
+
+
+def use_static_cache(model, static_cache: str = "auto") -> bool:
+    """
+    Makes `generate` use a static KV cache by default (`static_cache`: "on", "off", or "auto": on when the model is
+    on a CUDA GPU). transformers then compiles the decoding step of greedy and sampled decoding whole on accelerators
+    (the CPU is left eager: compiling costs more there than it saves); the ids are those of the dynamic cache.
+    Returns whether it is on.
+    """
+    on = static_cache == "on" or (static_cache == "auto" and model.device.type == "cuda")
+    model.generation_config.cache_implementation = "static" if on else None
+    logger.info("Static KV cache %s", "on" if on else "off")
+    return on
 
 
 # ------------------------------------------------------------------------------------------------ items

@@ -71,6 +71,10 @@ class InferArguments:
     lora_scaling: float | None = field(
         default=None, metadata={"help": "LoRA scaling factor (default: the checkpoint's, 4.0 for the release)."}
     )
+    static_cache: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "Decode with a static KV cache, compiled on a GPU (auto: on a CUDA GPU only; off: the eager path)."},
+    )
     max_audio_seconds: float | None = field(
         default=None,
         metadata={"help": "Longest audio accepted, in seconds; longer files get an error line (default: the processor's, 600)."},

@@ -52,6 +52,7 @@ def load_for_engine(args, generation_kwargs: dict) -> tuple:
         device_map=args.device_map,
         quantize=args.quantize,
         lora_scaling=args.lora_scaling,
+        static_cache=args.static_cache,
     )
     return model, processor, None
 

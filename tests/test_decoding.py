@@ -221,3 +221,43 @@ def test_a_quantized_language_model_is_not_merged(tiny_lora):
         assert merged == 0
     ids = model.generate(**inputs, **decode_kwargs(4))
     assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+# -- salmonn-infer / salmonn-eval -----------------------------------------------------------------------------
+
+
+def test_infer_and_eval_static_cache_option(tmp_path, monkeypatch, capsys):
+    import soundfile
+    from transformers import HfArgumentParser
+
+    from salmonn.evaluation.evaluate import EvalArguments
+    from salmonn.inference import engine
+    from salmonn.inference.infer import build_parser
+    from salmonn.inference.infer import main as infer_main
+    from tests.utils import save_tiny_checkpoint
+
+    for parser in (build_parser(), HfArgumentParser(EvalArguments)):
+        (action,) = [a for a in parser._actions if a.dest == "static_cache"]
+        assert action.default == "auto" and list(action.choices) == ["auto", "on", "off"]
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "model")
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, 0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000), 16000)
+    loaded, original = [], engine.load_model_and_processor
+
+    def load(*args, **kwargs):
+        model, processor = original(*args, **kwargs)
+        loaded.append(model)
+        return model, processor
+
+    monkeypatch.setattr(engine, "load_model_and_processor", load)
+    answers = {}
+    for mode in ("auto", "on", "off"):
+        args = ["--model", str(checkpoint), str(wav), "--max-new-tokens", "6", "--no-progress", "--device", "cpu"]
+        assert infer_main([*args, "--static_cache", mode]) == 0
+        answers[mode] = json.loads(capsys.readouterr().out)["answer"]
+    # On the CPU "auto" is off; "on" decodes with the static cache (4 beams, as the default) and answers the same.
+    assert [m.generation_config.cache_implementation for m in loaded] == [None, "static", None]
+    assert answers["on"] == answers["off"] == answers["auto"] != ""
+    with pytest.raises(ValueError, match=r"static_cache: expected one of \['auto', 'on', 'off'\], got 'yes'"):
+        engine.load_model_and_processor(str(checkpoint), static_cache="yes")
