@@ -43,9 +43,13 @@ class DecodingArguments:
     compile: bool = field(default=True, metadata={"help": "Also time static cache + compile (--no-compile skips)."})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend of the compiled runs."})
     default_decode: bool = field(default=True, metadata={"help": "Time the default 4-beam 200-token decode of a 30 s clip."})
+    merge_error: bool = field(
+        default=True, metadata={"help": "Measure what merging LoRA changes in the logits (this model; fixture A in float32)."}
+    )
     proxy: bool = field(default=True, metadata={"help": "Run the CPU launch-bound proxy (--no-proxy skips)."})
     proxy_layers: int = field(default=32, metadata={"help": "Layers of the proxy's tiny-width LLaMA."})
     proxy_tokens: int = field(default=48, metadata={"help": "Greedy tokens of each proxy decode."})
+    proxy_repeats: int = field(default=3, metadata={"help": "Timed turns of the proxy (best of); more on a busy machine."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random weights and the clip."})
 
@@ -263,18 +267,56 @@ def llama_inputs(salmonn_inputs: dict, vocab_size: int, seed: int) -> dict:
     return {"input_ids": random_ids, "attention_mask": salmonn_inputs["attention_mask"]}
 
 
-def measure_speed(runs: dict, args: DecodingArguments, batch_size: int) -> dict[str, float]:
-    """ms per new token of each run, timed in turns (a busy spell of a shared machine hits one turn, not one model)."""
-    best = {name: float("inf") for name in runs}
-    for _ in range(args.repeats):
+def measure_speed(runs: dict, new_tokens: int, repeats: int, short: int = 4) -> dict[str, float]:
+    """
+    ms per new token of each run: the best long decode minus the best short one, per extra token. The runs are timed
+    in turns, so that a busy spell of a shared machine hits one turn, not one model.
+    """
+    best = {(name, n): float("inf") for name in runs for n in (short, new_tokens)}
+    for _ in range(repeats):
         for name, (model, inputs, kwargs_for) in runs.items():
-            seconds = per_step(lambda n: timed_generate(model, inputs, kwargs_for(n)), args.new_tokens)
-            best[name] = min(best[name], 1000 * seconds)
-    return best
+            for n in (short, new_tokens):
+                best[name, n] = min(best[name, n], timed_generate(model, inputs, kwargs_for(n)))
+    return {name: 1000 * (best[name, new_tokens] - best[name, short]) / (new_tokens - short) for name in runs}
+
+
+def merge_difference(model, inputs: dict) -> tuple[float, float]:
+    """Largest difference of the prompt logits with SALMONN's LoRA merged (as `generate` runs it) and live, absolute
+    and relative to the largest logit."""
+    import torch
+
+    with torch.inference_mode():
+        live = model(**inputs).logits.float()
+        with model.merged_lora():
+            merged = model(**inputs).logits.float()
+    difference = float((merged - live).abs().max())
+    return difference, difference / float(live.abs().max())
+
+
+def fixture_a_merge_difference() -> tuple[float, float]:
+    """`merge_difference` on fixture A (the original code's tiny checkpoint, converted here) and its gunshots clip."""
+    import tempfile
+
+    import soundfile
+    from transformers import AutoModel, AutoProcessor
+
+    from salmonn.conversion.convert_salmonn import main as convert_main
+    from tests.utils import FIXTURE_A, fixture_a_convert_args, fixture_golden
+
+    golden = fixture_golden()
+    with tempfile.TemporaryDirectory() as tmp:
+        if convert_main(fixture_a_convert_args(Path(tmp) / "converted")) != 0:
+            raise RuntimeError("salmonn-convert failed on fixture A")
+        model = AutoModel.from_pretrained(Path(tmp) / "converted", trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(Path(tmp) / "converted", trust_remote_code=True)
+    wav, rate = soundfile.read(str(FIXTURE_A / golden["inputs"]["gunshots"]["wav"]))
+    inputs = processor(text=golden["prompt"], audio=wav, sampling_rate=rate, truncation=True)
+    return merge_difference(model, inputs)
 
 
 def launch_bound_proxy(args: DecodingArguments) -> tuple[float, float]:
-    """Tiny widths, `proxy_layers` layers, 1 thread, greedy `proxy_tokens` tokens: SALMONN and LLaMA ms/token, best of 3."""
+    """Tiny widths, `proxy_layers` layers, 1 thread, greedy `proxy_tokens` tokens: SALMONN and LLaMA ms/token, best of
+    `proxy_repeats` turns."""
     import torch
 
     threads = torch.get_num_threads()
@@ -289,7 +331,7 @@ def launch_bound_proxy(args: DecodingArguments) -> tuple[float, float]:
         }
         for model_, inputs_, kwargs_for in runs.values():  # warm-up
             timed_generate(model_, inputs_, kwargs_for(4))
-        best = measure_speed(runs, DecodingArguments(new_tokens=args.proxy_tokens, repeats=3), 1)
+        best = measure_speed(runs, args.proxy_tokens, args.proxy_repeats)
     finally:
         torch.set_num_threads(threads)
     return best["salmonn"], best["llama"]
@@ -336,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             timed_generate(model_, inputs_, kwargs_for(4))
             timed_generate(model_, inputs_, kwargs_for(args.new_tokens))
             logger.info(f"{name}: warm-up {time.perf_counter() - start:.1f} s")
-        best = measure_speed(runs, args, batch_size)
+        best = measure_speed(runs, args.new_tokens, args.repeats)
         for name, (model_, inputs_, kwargs_for) in runs.items():
             reads = host_reads_per_step(model_, inputs_, kwargs_for)
             launches = kernel_launches_per_step(model_, inputs_, kwargs_for)
@@ -350,12 +392,24 @@ def main(argv: list[str] | None = None) -> int:
         inputs = clip_inputs(model, processor, 30.0, 1, args.seed)
         modes = {"eager": {}}
         if args.compile:
-            modes["static cache + compile"] = {"cache_implementation": "static", "compile_config": compile_config}
+            # transformers 5.24 compiles the steps of greedy and sampled decoding, not beam search's: static cache only.
+            modes["static cache"] = {"cache_implementation": "static", "compile_config": compile_config}
         for name, extra in modes.items():
             kwargs = {"max_new_tokens": 200, "min_new_tokens": 200, **extra}  # the default decode: 4 beams
             timed_generate(model, inputs, kwargs)  # warm-up
             seconds = min(timed_generate(model, inputs, kwargs) for _ in range(args.repeats))
             print(f"default decode (4 beams, 200 tokens) of a 30 s clip, SALMONN {name}: {seconds:.2f} s", flush=True)
+    if args.merge_error:
+        inputs = clip_inputs(model, processor, 10.0, 1, args.seed)
+        measured = {f"{args.size} ({str(dtype).removeprefix('torch.')})": merge_difference(model, inputs)}
+        if (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "original_tiny_a").is_dir():
+            measured["fixture A (float32)"] = fixture_a_merge_difference()
+        for name, (absolute, relative) in measured.items():
+            print(
+                f"LoRA merged vs live, prompt logits of {name}: max difference {absolute:.2e} "
+                f"({relative:.2e} of the largest logit)",
+                flush=True,
+            )
     if args.proxy:
         salmonn_ms, llama_ms = launch_bound_proxy(args)
         print(

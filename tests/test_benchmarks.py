@@ -40,3 +40,22 @@ def test_conversion_memory_benchmark_runs_on_a_small_llm(capsys):
     # The MB figures are printed rounded to 1 MB; the ratio is computed before rounding.
     assert peak / (largest + 0.5) <= number("peak / largest shard") <= peak / (largest - 0.5)
     assert "target: <= 2x + 1 GB" in out
+
+
+def test_decoding_benchmark_runs_on_the_tiny_model(capsys):
+    from benchmarks.decoding import main
+
+    args = ["--size", "tiny", "--batch_sizes", "2", "--new_tokens", "12", "--repeats", "1", "--compile_backend", "eager",
+            "--proxy_layers", "2", "--proxy_tokens", "8", "--proxy_repeats", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    runs = re.findall(r"batch (\d) \| (.+?): (-?[\d.]+) ms per new token \| host reads per step ([\d.]+) \| kernel launches per step (.+?) \|", out)
+    names = ["SALMONN eager", "stock LlamaForCausalLM", "SALMONN static cache + compile"]
+    assert [(batch, name) for batch, name, *_ in runs] == [("2", name) for name in names]
+    # One host read per cached step for every path (transformers' own), and no kernel count off CUDA.
+    assert all(reads == "1.00" and launches == "n/a (CPU)" for *_, reads, launches in runs)
+    assert re.search(r"default decode \(4 beams, 200 tokens\) of a 30 s clip, SALMONN eager: [\d.]+ s", out)
+    assert re.search(r"default decode \(4 beams, 200 tokens\) of a 30 s clip, SALMONN static cache: [\d.]+ s", out)
+    differences = [float(d) for d in re.findall(r"LoRA merged vs live, prompt logits of .+?: max difference ([\d.e+-]+)", out)]
+    assert len(differences) == 2 and all(0 < d < 1e-4 for d in differences)  # tiny and fixture A, float32
+    assert re.search(r"launch-bound proxy \(2 layers, tiny widths, 1 thread, 8 tokens\): SALMONN [\d.]+ ms/token, stock LLaMA [\d.]+ ms/token, ratio [\d.]+", out)
