@@ -263,7 +263,8 @@ class SalmonnLoraMixin:
         """
         depth = self.__dict__.get("_salmonn_merge_depth", 0)
         layers = [] if self.training or depth else [layer for layer in self._lora_layers() if _can_merge(layer)]
-        with torch.no_grad():
+        # Normal tensors even under `torch.inference_mode()`, which a later call outside it could not update in place.
+        with torch.inference_mode(False), torch.no_grad():
             for layer in layers:
                 _refresh_merged_weight(layer)
                 layer.__class__ = MergedLoraLinear

@@ -184,6 +184,14 @@ def test_merged_weights_follow_the_scaling_and_weight_updates(tiny_lora):
     assert generated() == live_ids()
 
 
+def test_generate_in_and_out_of_inference_mode(tiny_lora):
+    model, _, inputs = tiny_lora
+    with torch.inference_mode():
+        first = model.generate(**inputs, **decode_kwargs(4))
+    # The merged weights made under inference mode are refreshed in place by a call outside it.
+    assert torch.equal(model.generate(**inputs, **decode_kwargs(4)), first)
+
+
 def test_training_frees_the_merged_weights_and_merges_nothing(tiny_lora):
     model, _, inputs = tiny_lora
     model.generate(**inputs, **decode_kwargs(2))
