@@ -93,21 +93,22 @@ def build_model(size: str, dtype, device, seed: int, num_hidden_layers: int | No
         config = tiny_config(tokenizer.pad_token_id + 1, tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), tokenizer.pad_token_id)
     else:
         tokenizer, audio_token = midsize.midsize_tokenizer(), midsize.MIDSIZE_AUDIO_TOKEN
-        overrides = paper_config_overrides(size) if size in ("7b", "13b") else {}
-        text_overrides = overrides.pop("text_overrides", {})
-        config = midsize.midsize_config(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(audio_token), **overrides)
-        for key, value in text_overrides.items():
-            setattr(config.text_config, key, value)
+        ids = (tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(audio_token))
+        config = midsize.midsize_config(*ids)
+        if size in ("7b", "13b"):
+            overrides = paper_config_overrides(size)
+            text = {k: v for k, v in config.text_config.to_dict().items() if k != "head_dim"}  # derived from the sizes
+            text.update(overrides.pop("text_overrides"))
+            config = midsize.midsize_config(*ids, text_config=text, **overrides)
     if num_hidden_layers is not None:
         config.text_config.num_hidden_layers = num_hidden_layers
     torch.manual_seed(seed)
     with torch.device(device):
         model = SalmonnForConditionalGeneration(config)
-    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)
+                param.copy_(torch.randn_like(param) * 0.02)
     model = midsize.cast_like_from_pretrained(model, dtype).eval()
     processor = SalmonnProcessor(
         SalmonnFeatureExtractor(), tokenizer, audio_token=audio_token, audio_tokens_per_segment=config.audio_tokens_per_segment
