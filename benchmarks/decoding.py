@@ -200,8 +200,10 @@ def per_step(measure, new_tokens: int, short: int = 4) -> float:
 
 
 def host_reads_per_step(model, inputs: dict, kwargs_for) -> float:
+    import torch
+
     def reads(new_tokens: int) -> float:
-        with count_host_reads() as counter, __import__("torch").inference_mode():
+        with count_host_reads() as counter, torch.inference_mode():
             model.generate(**inputs, **kwargs_for(new_tokens))
         return counter[0]
 
