@@ -54,13 +54,14 @@ class DecodingArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random weights and the clip."})
 
 
-def _import_midsize():
-    try:
-        import benchmarks.midsize as midsize
-    except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import benchmarks.midsize as midsize
-    return midsize
+def _sibling(name: str):
+    """A module of benchmarks/, also when this file runs as a script (with benchmarks/ as sys.path[0])."""
+    import importlib
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def paper_config_overrides(size: str) -> dict:
@@ -84,7 +85,7 @@ def build_model(size: str, dtype, device, seed: int, num_hidden_layers: int | No
 
     from modeling_salmonn import SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 
-    midsize = _import_midsize()
+    midsize = _sibling("midsize")
     if size == "tiny":
         from salmonn.inference.tiny import build_tiny_tokenizer, tiny_config
         from modeling_salmonn.processing_salmonn import AUDIO_TOKEN
@@ -255,7 +256,7 @@ def weight_bytes_per_token(model) -> int:
 def clip_inputs(model, processor, seconds: float, batch_size: int, seed: int) -> dict:
     from salmonn.inference.engine import build_inputs, prepare_item
 
-    clip = _import_midsize().synthetic_clip(seconds, seed)
+    clip = _sibling("midsize").synthetic_clip(seconds, seed)
     items = [{"audio": clip, "sampling_rate": 16000, "prompt": "Describe the audio."}] * batch_size
     return dict(build_inputs(model, processor, [prepare_item(processor, item) for item in items]))
 
@@ -270,22 +271,10 @@ def llama_inputs(salmonn_inputs: dict, vocab_size: int, seed: int) -> dict:
     return {"input_ids": random_ids, "attention_mask": salmonn_inputs["attention_mask"]}
 
 
-class StepTimes:
-    """A streamer that records when each new token comes out of `generate` (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def median_step(self) -> float:
-        """The median time between tokens after the first new one: robust to a busy spell of a shared machine."""
-        steps = sorted(b - a for a, b in zip(self.times[2:], self.times[3:]))
-        return steps[len(steps) // 2]
+def median_step(times: list[float]) -> float:
+    """The median time between tokens after the first new one (`times[0]` is the prompt): robust to a busy spell."""
+    steps = sorted(b - a for a, b in zip(times[2:], times[3:]))
+    return steps[len(steps) // 2]
 
 
 def measure_speed(runs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
@@ -298,10 +287,10 @@ def measure_speed(runs: dict, new_tokens: int, repeats: int) -> dict[str, float]
     best = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, (model, inputs, kwargs_for) in runs.items():
-            streamer = StepTimes()
+            streamer = _sibling("inference").TimingStreamer()
             with torch.inference_mode():
                 model.generate(**inputs, **kwargs_for(new_tokens), streamer=streamer)
-            best[name] = min(best[name], 1000 * streamer.median_step())
+            best[name] = min(best[name], 1000 * median_step(streamer.times))
     return best
 
 
