@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from salmonn.conversion.beats import load_original_beats
-from salmonn.conversion.io_utils import atomic_output_dir
+from salmonn.conversion.io_utils import atomic_output_dir, check_output_not_input
 from modeling_salmonn.modeling_beats import BEATS_NUM_MEL_BINS, BeatsModel
 
 
@@ -136,6 +136,7 @@ def convert_beats(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output = Path(output)
+    check_output_not_input(output, {"--beats": beats})
     if output.exists() and not overwrite:
         # Checked again when the folder is moved into place; failing here avoids reading a large checkpoint first.
         raise FileExistsError(f"Output folder {output} already exists; pass --overwrite to replace it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import math
@@ -33,6 +34,20 @@ EXTRACT_CHUNK = 8
 # Float audio is expected in [-1, 1]; far larger samples are a wrong scale or garbage, and from about 1e16 the
 # float32 Whisper power spectrum overflows into NaN features and an empty answer.
 MAX_ABS_AMPLITUDE = 1e6
+
+
+# The only settings Whisper's encoder (1500 positions = 3000 frames of 30 s) and BEATs (16 x 16 patches of a 128-bin
+# fbank) accept.
+WHISPER_SAMPLING_RATE = 16000
+WHISPER_HOP_LENGTH = 160
+WHISPER_CHUNK_LENGTH = 30
+WHISPER_N_FFT = 400
+WHISPER_MEL_BINS = (80, 128)  # large-v2 and earlier; large-v3
+BEATS_MEL_BINS = 128
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,11 +106,23 @@ def kaldi_num_frames(num_samples: int) -> int:
     return 1 + (num_samples - KALDI_FRAME_LENGTH) // KALDI_FRAME_SHIFT
 
 
+def why_missing(path: str | os.PathLike) -> str:
+    """Why `os.path.exists(path)` is false: a symlink loop and a broken symlink are not "does not exist"."""
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "is a symlink loop (it resolves to itself)"
+        return f"is a broken symlink (to {os.readlink(path)!r}, which does not exist)"
+    return "does not exist"
+
+
 def check_audio_path(path: str | os.PathLike, name: str) -> None:
     """Says why `path` cannot be an audio file (missing, a folder, a device, empty), naming the audio."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"{name}: audio file {path!r} does not exist")
+        raise ValueError(f"{name}: audio file {path!r} {why_missing(path)}")
     if os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is a folder, not an audio file")
     if not os.path.isfile(path):
@@ -143,6 +170,41 @@ def decode_audio_file(
     if data.size == 0:
         raise ValueError(f"{name}: audio file {label!r} holds no samples")
     return data, int(rate)
+
+
+def check_audio_inputs(
+    input_features: torch.Tensor, input_values: torch.Tensor, input_values_mask: torch.Tensor | None, num_mel_bins: int
+) -> None:
+    """
+    What the encoders cannot check themselves, once per prompt: tensors with data (not on the meta device), the mel
+    bins this model reads, finite values (a NaN would give an empty answer without a word) and a real frame in every
+    segment. Errors name the input and what is expected.
+    """
+    inputs = {"input_features": input_features, "input_values": input_values, "input_values_mask": input_values_mask}
+    for key, tensor in inputs.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise ValueError(f"input `{key}` is on the meta device (a tensor without data); pass the processor's output")
+    for key, tensor, bins, setting in (
+        ("input_features", input_features, num_mel_bins, "feature_size"),
+        ("input_values", input_values, BEATS_MEL_BINS, "beats_num_mel_bins"),
+    ):
+        axis = 1 if key == "input_features" else -1
+        if tensor.ndim != 3 or tensor.shape[axis] != bins:
+            raise ValueError(
+                f"`{key}` has shape {tuple(tensor.shape)}, but this model reads {bins} mel bins per frame: the processor's "
+                f"`{setting}` must be {bins}"
+            )
+        finite = torch.isfinite(tensor).flatten(1).all(-1)
+        if not bool(finite.all()):
+            rows = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"`{key}` holds NaN or inf values in segment row(s) {rows[:10]}; the features must be finite")
+    if input_values_mask is not None:
+        empty = torch.nonzero(input_values_mask.sum(-1) == 0).flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"`input_values_mask` row {empty[0]} marks no audio frame (rows without audio: {empty[:10]}); every "
+                "segment needs at least one real frame, as the processor marks them"
+            )
 
 
 class SalmonnFeatureExtractor(SequenceFeatureExtractor):
@@ -196,9 +258,33 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         super().__init__(
             feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
         )
+        name = self.__class__.__name__
         for key, value in (("sampling_rate", sampling_rate), ("hop_length", hop_length), ("chunk_length", chunk_length), ("n_fft", n_fft)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{self.__class__.__name__}: `{key}` must be a positive integer, got {value!r}")
+                raise ValueError(f"{name}: `{key}` must be a positive integer, got {value!r}")
+        # Whisper's encoder reads exactly 3000 frames of 30 s (its 1500 positions) and BEATs' patches tile 128 mel bins
+        # of a 16 kHz fbank: another value fails deep inside an encoder, or first allocates segments of any length.
+        for key, value, expected in (
+            ("sampling_rate", sampling_rate, (WHISPER_SAMPLING_RATE,)),
+            ("hop_length", hop_length, (WHISPER_HOP_LENGTH,)),
+            ("chunk_length", chunk_length, (WHISPER_CHUNK_LENGTH,)),
+            ("n_fft", n_fft, (WHISPER_N_FFT,)),
+            ("feature_size", feature_size, WHISPER_MEL_BINS),
+            ("beats_num_mel_bins", beats_num_mel_bins, (BEATS_MEL_BINS,)),
+        ):
+            if value not in expected:
+                want = " or ".join(str(v) for v in expected)
+                raise ValueError(f"{name}: `{key}` must be {want} (what Whisper and BEATs read), got {value!r}")
+        for key, value in (("fbank_mean", fbank_mean), ("fbank_std", fbank_std)):
+            if not _is_finite_number(value) or (key == "fbank_std" and value <= 0):
+                kind = "a positive finite number" if key == "fbank_std" else "a finite number"
+                raise ValueError(f"{name}: `{key}` must be {kind} (BEATs fbank normalisation), got {value!r}")
+        if not _is_finite_number(min_seconds) or not 0 <= min_seconds <= chunk_length:
+            raise ValueError(f"{name}: `min_seconds` must be a number of seconds from 0 to {chunk_length}, got {min_seconds!r}")
+        if max_audio_seconds is not None and (not _is_finite_number(max_audio_seconds) or max_audio_seconds <= 0):
+            raise ValueError(
+                f"{name}: `max_audio_seconds` must be a positive number of seconds or null (no limit), got {max_audio_seconds!r}"
+            )
         self.hop_length = hop_length
         self.chunk_length = chunk_length
         self.n_fft = n_fft
@@ -496,4 +582,4 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         return self.extract(segments, return_tensors=return_tensors, device=device)
 
 
-__all__ = ["SalmonnFeatureExtractor", "check_audio_path", "decode_audio_file"]
+__all__ = ["SalmonnFeatureExtractor", "check_audio_inputs", "check_audio_path", "decode_audio_file", "why_missing"]

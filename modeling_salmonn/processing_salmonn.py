@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from .feature_extraction_salmonn import SalmonnFeatureExtractor, check_audio_pat
 
 
 AUDIO_TOKEN = "<audio>"
+# Files that hold a LLaMA tokenizer's vocabulary (fast, then sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 PAD_TOKEN = "[PAD]"
 
 # USER: ... \nASSISTANT: answer</s> -- SALMONN's "USER: {}\nASSISTANT:" template, continued Vicuna-style for
@@ -43,6 +46,17 @@ def add_salmonn_tokens(tokenizer):
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
     return tokenizer
+
+
+# More placeholders per 30 s than any LLM context SALMONN runs with; a larger value is a broken config that would
+# first allocate the placeholder ids of every segment.
+MAX_AUDIO_TOKENS_PER_SEGMENT = 8192
+
+
+def _check_count(key: str, value, limit: int) -> None:
+    """A positive integer no larger than `limit`, or an error naming `key` (a processor setting or argument)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"SalmonnProcessor: `{key}` must be an integer from 1 to {limit}, got {value!r}")
 
 
 def _as_list_of_audio(audio) -> list:
@@ -85,10 +99,23 @@ class SalmonnProcessor(ProcessorMixin):
     ):
         if chat_template is None:
             chat_template = DEFAULT_CHAT_TEMPLATE
+        _check_count("audio_tokens_per_segment", audio_tokens_per_segment, MAX_AUDIO_TOKENS_PER_SEGMENT)
         self.audio_marker = audio_marker
         self.audio_token = audio_token
         self.audio_tokens_per_segment = audio_tokens_per_segment
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # Without its vocabulary file a LLaMA tokenizer still loads, as the few added tokens only, and every prompt
+        # then fails far from the cause (no audio placeholders); a local folder must hold one of the files.
+        folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"{folder} has no tokenizer.json (nor {', '.join(TOKENIZER_FILES[1:])}): the LLaMA tokenizer of a SALMONN "
+                "folder cannot be built without it; copy it from the folder salmonn-convert wrote or from the LLM"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def audio_token_id(self) -> int:
@@ -164,6 +191,8 @@ class SalmonnProcessor(ProcessorMixin):
             raise ValueError(f"SalmonnProcessor got unexpected arguments: {sorted(kwargs)}")
         if text is None:
             raise ValueError("SalmonnProcessor needs `text` (a prompt with one <SpeechHere> marker per audio)")
+        if max_target_length is not None:
+            _check_count("max_target_length", max_target_length, 2**31 - 1)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings")

@@ -306,9 +306,9 @@ def test_case3_non_finite_gradient_stops_training_and_saves_nothing(train_setup,
 
     collate = SalmonnDataCollator.__call__
 
-    def poisoned(self, features):  # what a clip of huge samples did before the data checks: NaN features
+    def poisoned(self, features):  # finite features that overflow the encoders (NaN ones are refused by the model)
         batch = collate(self, features)
-        batch["input_features"] = batch["input_features"] * float("nan")
+        batch["input_features"] = batch["input_features"] * 1e38
         return batch
 
     monkeypatch.setattr(SalmonnDataCollator, "__call__", poisoned)
@@ -509,14 +509,14 @@ def saved(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("saved") / "tiny")
 
 
-def _edited_copy(saved: Path, tmp_path: Path, edit) -> Path:
+def _edited_copy(saved: Path, tmp_path: Path, edit, name: str = "config.json") -> Path:
     import shutil
 
     folder = tmp_path / "edited"
     shutil.copytree(saved, folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / name).read_text())
     edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / name).write_text(json.dumps(config))
     return folder
 
 
@@ -568,7 +568,15 @@ def test_case22_output_loading_info_returns_the_model_and_the_info(saved):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "first, second, message",
+    [
+        (float("nan"), float("inf"), "hold NaN or inf values"),
+        (5e37, -3e12, "hold values above 1e+10 in size"),  # round 2 (issue #19): finite but absurd
+    ],
+    ids=["non-finite", "absurd"],
+)
+def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog, first, second, message):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -578,19 +586,16 @@ def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
     folder = tmp_path / "nan"
     shutil.copytree(saved, folder)
     weights = load_file(folder / "model.safetensors")
-    weights["model.speech_llama_proj.weight"][0, 0] = float("nan")
-    weights["lm_head.weight"][3, 1] = float("inf")
+    weights["model.speech_llama_proj.weight"][0, 0] = first
+    weights["lm_head.weight"][3, 1] = second
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level(logging.WARNING):
         SalmonnForConditionalGeneration.from_pretrained(folder)
-    assert (
-        "2 loaded weight tensor(s) hold NaN or inf values: ['model.speech_llama_proj.weight', 'lm_head.weight']"
-        in caplog.text
-    )
+    assert f"2 loaded weight tensor(s) {message}: ['model.speech_llama_proj.weight', 'lm_head.weight']" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         SalmonnForConditionalGeneration.from_pretrained(saved)
-    assert "NaN or inf" not in caplog.text
+    assert "loaded weight tensor(s)" not in caplog.text
 
 
 # -- generation (case 9) -----------------------------------------------------------------------------------------
@@ -641,3 +646,320 @@ def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path
         for setting, want in zip(settings, expected):
             got = loaded.generate(**inputs, max_new_tokens=6, **setting)
             assert torch.equal(got, want), (device_map, setting)
+
+
+# ================================================================================================================
+# Round 2 (issue #19): conversion, config values, loading and model inputs. Helpers of this block are local to it.
+# ================================================================================================================
+
+
+def _r2_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: what "nothing deleted, nothing changed" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def r2_release(tmp_path) -> Path:
+    """A folder that holds the original release's parts, as a user keeps them: salmonn.pth, whisper/, llm/, beats.pt."""
+    import shutil
+
+    from tests.utils import FIXTURE_A
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in ("salmonn.pth", "beats.pt"):
+        shutil.copyfile(FIXTURE_A / name, release / name)
+    for name in ("whisper", "llm"):
+        shutil.copytree(FIXTURE_A / name, release / name)
+    return release
+
+
+def _r2_convert_args(release: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--salmonn-checkpoint", str(release / "salmonn.pth"), "--whisper", str(release / "whisper"),
+        "--beats", str(release / "beats.pt"), "--llm", str(release / "llm"), "--output", str(output),
+        "--qformer-num-attention-heads", "4", "--verify", "structure", *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "where, relation, flag",
+    [
+        ("release", "holds", "--salmonn-checkpoint"),  # the folder holding every input
+        ("release/llm", "is", "--llm"),
+        ("release/whisper/converted", "lies inside", "--whisper"),
+    ],
+)
+def test_r2_case1_output_that_holds_is_or_is_inside_an_input_is_refused(r2_release, caplog, where, relation, flag):
+    from salmonn.conversion.convert_salmonn import main
+
+    before = _r2_snapshot(r2_release.parent)
+    output = r2_release.parent / where
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(r2_release, output, "--overwrite")) == 1
+    assert f"--output {output} {relation} the input {flag}" in caplog.text
+    assert _r2_snapshot(r2_release.parent) == before  # nothing deleted, nothing written
+
+
+def test_r2_case1_output_reached_through_a_symlink_is_refused(r2_release, caplog):
+    from salmonn.conversion.convert_salmonn import main
+
+    link = r2_release.parent / "link-to-release"
+    link.symlink_to(r2_release)
+    before = _r2_snapshot(r2_release)
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(r2_release, link, "--overwrite")) == 1
+    assert f"--output {link} holds the input --salmonn-checkpoint" in caplog.text
+    assert _r2_snapshot(r2_release) == before and link.is_symlink()
+
+
+def test_r2_case1_convert_beats_into_the_folder_of_its_checkpoint_is_refused(r2_release, capsys):
+    from salmonn.conversion.convert_beats import main
+
+    before = _r2_snapshot(r2_release)
+    assert main(["--beats", str(r2_release / "beats.pt"), "--output", str(r2_release), "--overwrite"]) == 1
+    assert f"--output {r2_release} holds the input --beats {r2_release / 'beats.pt'}" in capsys.readouterr().err
+    assert _r2_snapshot(r2_release) == before
+
+
+def test_r2_case1_check_output_not_input_is_reusable(tmp_path):
+    from salmonn.conversion.io_utils import check_output_not_input
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    check_output_not_input(tmp_path / "out", {"--train_file": data / "train.jsonl", "--model": "org/hub-id", "--x": None})
+    with pytest.raises(ValueError, match=r"--output_dir .*data holds the input --train_file"):
+        check_output_not_input(data, {"--train_file": data / "train.jsonl"}, flag="--output_dir")
+
+
+def _r2_convert_fails(release: Path, caplog, *extra: str) -> str:
+    from salmonn.conversion.convert_salmonn import main
+
+    output = release.parent / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(release, output, *extra)) == 1
+    assert not output.exists() and not list(release.parent.glob(".out.*"))
+    return caplog.text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--second-stride", "0.001"], "`second_stride`=0.001 is 0 Whisper frames of 0.02 s; it must be at least half a frame (0.01 s)"),
+        (["--second-per-window", "0.005"], "`second_per_window`=0.005 is 0 Whisper frames of 0.02 s"),
+        (["--lora-alpha", "-32"], "`lora_alpha` must be a finite number >= 0, got -32.0"),
+    ],
+)
+def test_r2_case9_converter_refuses_window_and_lora_flags_that_make_no_model(r2_release, caplog, flags, message):
+    text = _r2_convert_fails(r2_release, caplog, *flags)
+    assert "The window and LoRA settings (flags, else `config.model` of" in text and message in text
+    assert "ZeroDivisionError" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"second_stride": 0.001}, "`second_stride`=0.001 is 0 Whisper frames"),
+        ({"second_per_window": 0.004}, "`second_per_window`=0.004 is 0 Whisper frames"),
+        ({"second_stride": "0.33"}, "`second_stride` must be a finite number > 0, got '0.33'"),
+        ({"lora_alpha": "32"}, "`lora_alpha` must be a finite number >= 0, got '32'"),
+        ({"lora_alpha": -4}, "`lora_alpha` must be a finite number >= 0, got -4"),
+        ({"num_query_tokens": 0}, "`num_query_tokens` must be an integer >= 1, got 0"),
+    ],
+)
+def test_r2_case9_model_config_values_are_validated_at_load(saved, tmp_path, overrides, message):
+    from transformers import AutoConfig
+
+    folder = _edited_copy(saved, tmp_path, lambda c: c.update(overrides))
+    with pytest.raises(ValueError, match=re_escape(message)):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("processor", "audio_tokens_per_segment", 10**8, "`audio_tokens_per_segment` must be an integer from 1 to 8192, got 100000000"),
+        ("feature_extractor", "min_seconds", 1e5, "`min_seconds` must be a number of seconds from 0 to 30, got 100000.0"),
+        ("feature_extractor", "chunk_length", 10**7, "`chunk_length` must be 30 (what Whisper and BEATs read), got 10000000"),
+        ("feature_extractor", "fbank_std", 0, "`fbank_std` must be a positive finite number (BEATs fbank normalisation), got 0"),
+        ("feature_extractor", "sampling_rate", 8000, "`sampling_rate` must be 16000 (what Whisper and BEATs read), got 8000"),
+        ("feature_extractor", "feature_size", 64, "`feature_size` must be 80 or 128 (what Whisper and BEATs read), got 64"),
+        ("feature_extractor", "beats_num_mel_bins", 80, "`beats_num_mel_bins` must be 128 (what Whisper and BEATs read), got 80"),
+        ("feature_extractor", "hop_length", 320, "`hop_length` must be 160 (what Whisper and BEATs read), got 320"),
+        ("feature_extractor", "max_audio_seconds", "600", "`max_audio_seconds` must be a positive number of seconds or null (no limit), got '600'"),
+        ("feature_extractor", "max_audio_seconds", -1, "`max_audio_seconds` must be a positive number of seconds or null (no limit), got -1"),
+    ],
+)
+def test_r2_case9_processor_config_values_are_refused_at_load(saved, tmp_path, section, key, value, message):
+    import tracemalloc
+
+    from transformers import AutoProcessor
+
+    def edit(config):
+        (config if section == "processor" else config["feature_extractor"])[key] = value
+
+    folder = _edited_copy(saved, tmp_path, edit, "processor_config.json")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=re_escape(message)):
+            AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20  # refused before anything of the value's size is allocated
+
+
+def test_r2_case11_max_target_length_must_be_positive(tiny):
+    _, processor = tiny
+    prompt = processor.format_prompt("Describe.")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=re_escape(f"`max_target_length` must be an integer from 1 to 2147483647, got {bad!r}")):
+            processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="an answer", max_target_length=bad)
+    one = processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="an answer", max_target_length=1)
+    assert one["labels"][0, -1].item() == processor.tokenizer.eos_token_id and (one["labels"][0] != -100).sum() == 1
+
+
+@pytest.mark.parametrize("key, value", [("num_beams", 200000), ("num_beams", 0)])
+def test_r2_case9_beam_counts_are_bounded_before_generating(saved, tmp_path, tiny, key, value):
+    from transformers import AutoModel
+
+    folder = _edited_copy(saved, tmp_path, lambda generation: generation.update({key: value}), "generation_config.json")
+    _, processor = tiny
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=re_escape(f"`{key}` must be an integer from 1 to 256 (each beam holds its own cache), got {value}")):
+        model.generate(**inputs, max_new_tokens=2)
+    sampled = dict(do_sample=True, num_beams=1, num_return_sequences=10**6)
+    with pytest.raises(ValueError, match=re_escape("`num_return_sequences` must be an integer from 1 to 256 (each beam holds its own cache), got 1000000")):
+        model.generate(**inputs, max_new_tokens=2, **sampled)
+
+
+def test_r2_case10_integer_weights_in_model_safetensors_are_refused_at_load(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    folder = tmp_path / "int"
+    shutil.copytree(saved, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.speech_llama_proj.weight"] = weights["model.speech_llama_proj.weight"].to(torch.int64)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    expected = (
+        "Weights that must be floating point are stored as integers: "
+        f"['model.speech_llama_proj.weight (I64) in {folder / 'model.safetensors'}']"
+    )
+    with pytest.raises(ValueError, match=re_escape(expected)):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def _r2_nan_row(key: str):
+    def edit(inputs):
+        inputs[key][1, 0, 0] = float("nan")
+
+    return edit
+
+
+def _r2_zero_row(key: str, row: int):
+    def edit(inputs):
+        inputs[key][row] = 0
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_r2_nan_row("input_features"), "`input_features` holds NaN or inf values in segment row(s) [1]"),
+        (_r2_nan_row("input_values"), "`input_values` holds NaN or inf values in segment row(s) [1]"),
+        (_r2_zero_row("input_values_mask", 1), "`input_values_mask` row 1 marks no audio frame"),
+        (_r2_zero_row("attention_mask", 0), "`attention_mask` row 0 marks no token (rows: [0])"),
+    ],
+    ids=["nan-features", "nan-values", "empty-audio-mask-row", "empty-attention-row"],
+)
+def test_r2_case10_case11_broken_batch_rows_are_named_before_generating(tiny, edit, message):
+    model, processor = tiny
+    prompts = [processor.format_prompt("A."), processor.format_prompt("A longer one.")]
+    inputs = processor(text=prompts, audio=[_tone(1.0), _tone(2.0)], sampling_rate=SR)
+    edit(inputs)
+    with pytest.raises(ValueError, match=re_escape(message)):
+        model.generate(**inputs, max_new_tokens=2)
+    if "attention_mask" not in message:  # the audio checks hold in the forward (training, scoring) too
+        with pytest.raises(ValueError, match=re_escape(message)):
+            model(**inputs)
+
+
+def test_r2_case9_features_of_another_mel_size_name_the_setting(tiny):
+    model, processor = tiny
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs["input_features"] = inputs["input_features"][:, :64]
+    with pytest.raises(ValueError, match=re_escape("this model reads 80 mel bins per frame: the processor's `feature_size` must be 80")):
+        model(**inputs)
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs["input_values"] = inputs["input_values"][..., :80]
+    with pytest.raises(ValueError, match=re_escape("the processor's `beats_num_mel_bins` must be 128")):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("key", ["input_ids", "input_features", "attention_mask"])
+def test_r2_case11_meta_device_inputs_are_named(tiny, key):
+    model, processor = tiny
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs[key] = inputs[key].to("meta")
+    with pytest.raises(ValueError, match=re_escape(f"input `{key}` is on the meta device")):
+        model.generate(**inputs, max_new_tokens=2)
+    if key == "input_features":
+        audio = {k: inputs[k] for k in ("input_features", "input_values", "input_values_mask")}
+        with pytest.raises(ValueError, match=re_escape("input `input_features` is on the meta device")):
+            model.get_audio_features(**audio)
+
+
+def test_r2_case11_missing_tokenizer_json_is_named_at_load(saved, tmp_path):
+    import shutil
+
+    from transformers import AutoProcessor
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(saved, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=re_escape(f"{folder} has no tokenizer.json (nor tokenizer.model)")):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_r2_case11_raw_pickle_is_named_for_what_it_is(r2_release, caplog, capsys):
+    import pickle
+
+    from salmonn.conversion.convert_beats import main as convert_beats
+
+    raw = r2_release / "salmonn.pth"
+    state = torch.load(raw, weights_only=True)
+    with open(raw, "wb") as handle:
+        pickle.dump(state, handle)
+    text = _r2_convert_fails(r2_release, caplog)
+    assert (
+        f"SALMONN checkpoint {raw} is a raw Python pickle (as pickle.dump writes), not a torch.save checkpoint: only "
+        "torch.save zip checkpoints are read, with torch.load(weights_only=True)"
+    ) in text
+    with open(r2_release / "beats.pt", "wb") as handle:
+        pickle.dump({"cfg": {}, "model": {}}, handle)
+    assert convert_beats(["--beats", str(r2_release / "beats.pt"), "--output", str(r2_release.parent / "b")]) == 1
+    assert f"BEATs checkpoint {r2_release / 'beats.pt'} is a raw Python pickle" in capsys.readouterr().err
+
+
+def test_r2_case11_symlink_loop_is_named(tiny, r2_release, caplog, tmp_path):
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    _, processor = tiny
+    with pytest.raises(ValueError, match=re_escape(f"audio[0]: audio file {str(loop)!r} is a symlink loop")):
+        processor(text=processor.format_prompt("A."), audio=str(loop))
+    checkpoint = r2_release / "salmonn.pth"
+    checkpoint.unlink()
+    checkpoint.symlink_to(checkpoint)
+    assert f"SALMONN checkpoint {checkpoint} is a symlink loop" in _r2_convert_fails(r2_release, caplog)
