@@ -531,8 +531,7 @@ def setup_logging(training_args) -> None:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    logging.getLogger("training").setLevel(level)
+    logging.getLogger(__package__).setLevel(level)  # this module, the data checks and the trainer
     transformers.utils.logging.set_verbosity(level)
 
 
@@ -576,7 +575,7 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
     if training_args.max_steps > 0:
         logger.info("Training length: %d steps (--max_steps)", training_args.max_steps)
     else:
-        logger.info("Training length: %g epochs (--num_train_epochs)", training_args.num_train_epochs)
+        logger.info("Training length: %g epoch(s) (--num_train_epochs)", training_args.num_train_epochs)
 
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "latest"):
