@@ -474,15 +474,22 @@ def test_issue19_case8_one_bad_audio_body_does_not_end_a_run(train_setup, tmp_pa
     nan = _tone(1.0)
     nan[10] = np.nan
     bad = _float_wav(tmp_path / "bad.wav", nan)  # a sound header: only decoding finds it
-    setup = {"base": train_setup["base"], "manifest": _audio_manifest(tmp_path, [good[0], bad, good[1]])}
-    args = ["--max_steps", "3", "--per_device_train_batch_size", "1", "--save_strategy", "no"]
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF" + bytes(100))  # found at load time when the headers are not checked first
+    setup = {"base": train_setup["base"], "manifest": _audio_manifest(tmp_path, [good[0], bad, good[1], corrupt])}
+    args = ["--max_steps", "4", "--per_device_train_batch_size", "1", "--save_strategy", "no", "--verify_audio", "false"]
     with caplog.at_level(logging.WARNING):
         assert main(_train_args(setup, tmp_path / "out", *args)) == 0
     assert f"item 1 skipped at load time: Audio {str(bad)!r} has 1 non-finite sample(s)" in caplog.text
     assert f"item 2 ({str(good[1])!r}) is used in its place" in caplog.text
-    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 3
+    assert f"item 3 skipped at load time: {corrupt}: cannot decode audio file" in caplog.text
+    assert f"item 0 ({str(good[0])!r}) is used in its place" in caplog.text
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
     assert main(_train_args(setup, tmp_path / "strict", *args, "--strict_data", "true")) == 2
-    assert f"salmonn-train: error: train: item 1: Audio {str(bad)!r} has 1 non-finite sample(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    first_bad = f"item 1: Audio {str(bad)!r} has 1 non-finite sample(s)", f"item 3: {corrupt}: cannot decode audio file"
+    assert any(f"salmonn-train: error: train: {message}" in err for message in first_bad)  # whichever the shuffle meets first
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
 
 
 def test_issue19_case7_num_train_epochs_beats_the_recipes_max_steps(train_setup, tmp_path, caplog):
@@ -494,6 +501,39 @@ def test_issue19_case7_num_train_epochs_beats_the_recipes_max_steps(train_setup,
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == -(-items // 2) and state["epoch"] == 1.0  # not the recipe's 90,000 steps
     assert "Training length: 1 epoch(s) (--num_train_epochs)" in caplog.text
+
+
+def test_issue19_case5_jsonl_train_file_is_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings; str.splitlines() would cut the record there."""
+    from salmonn.training.data import load_manifest
+
+    text = "say \u2028 this\u2029 and\u0085 that"
+    record = json.dumps({"audio": str(_wav(tmp_path / "a.wav", 0.5)), "text": text}, ensure_ascii=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes((record + "\r\n\n" + record).encode("utf-8"))
+    assert [item["text"] for item in load_manifest(manifest)] == [text, text]
+
+
+def test_issue19_case2_export_refuses_an_output_folder_that_is_or_holds_an_input(tmp_path, caplog, capsys):
+    from salmonn.training.export import TRAINABLE_EXPORT_NAME, main
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    export = run / TRAINABLE_EXPORT_NAME
+    export.write_bytes(b"export")
+    before = _tree(tmp_path)
+    for output, relation, flag, value in ((run, "holds", "--export", export), (base, "is", "--model_name_or_path", base)):
+        caplog.clear()
+        argv = ["--model_name_or_path", str(base), "--export", str(export), "--output_dir", str(output), "--overwrite_output_dir"]
+        assert main(argv) == 2
+        assert f"--output_dir {str(output)!r} {relation} the input {flag} {str(value)!r}; writing the merged model there" in caplog.text
+    assert _tree(tmp_path) == before
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m salmonn.training.export ")
 
 
 # -- salmonn-convert (cases 4, 13, 17) ----------------------------------------------------------------------------

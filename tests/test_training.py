@@ -221,25 +221,6 @@ def test_trainable_export_applies_to_the_base_folder(tiny_run, tmp_path):
     assert export_main(["--base_model", str(base), "--export", str(out / TRAINABLE_EXPORT_NAME), "--output_dir", str(merged)]) == 2
 
 
-def test_export_refuses_an_output_folder_that_is_or_holds_an_input(tiny_run, tmp_path, caplog, capsys):
-    from salmonn.training.export import main as export_main
-
-    run = tmp_path / "run"
-    run.mkdir()
-    export = run / TRAINABLE_EXPORT_NAME
-    export.write_bytes((tiny_run["out"] / TRAINABLE_EXPORT_NAME).read_bytes())
-    before = export.read_bytes()
-    for output, relation, flag, value in ((run, "holds", "--export", export), (tiny_run["base"], "is", "--model_name_or_path", tiny_run["base"])):
-        caplog.clear()
-        argv = ["--model_name_or_path", str(tiny_run["base"]), "--export", str(export), "--output_dir", str(output), "--overwrite_output_dir"]
-        assert export_main(argv) == 2
-        assert f"--output_dir {str(output)!r} {relation} the input {flag} {str(value)!r}; writing the merged model there" in caplog.text
-    assert export.read_bytes() == before and sorted(p.name for p in run.iterdir()) == [TRAINABLE_EXPORT_NAME]
-    with pytest.raises(SystemExit):
-        export_main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m salmonn.training.export ")
-
-
 def test_export_refuses_files_that_do_not_fit(tiny, tmp_path):
     from safetensors.torch import save_file
 

@@ -207,16 +207,6 @@ def test_manifest_fields_are_those_of_infer_and_eval(tmp_path):
         load_manifest(tmp_path / "two.jsonl")
 
 
-def test_jsonl_is_split_at_newlines_only(tmp_path):
-    """U+2028, U+2029 and U+0085 are valid inside JSON strings; str.splitlines() would cut the record there."""
-    text = "say \u2028 this\u2029 and\u0085 that"
-    manifest = tmp_path / "m.jsonl"
-    record = json.dumps({"audio": str(AUDIO / "duck.wav"), "text": text}, ensure_ascii=False)
-    manifest.write_bytes((record + "\r\n\n" + record).encode("utf-8"))
-    items = load_manifest(manifest)
-    assert [it["text"] for it in items] == [text, text]
-
-
 def _manifest(tmp_path, rows, name="m.json"):
     path = tmp_path / name
     path.write_text(json.dumps({"annotation": rows}))

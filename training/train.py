@@ -9,10 +9,11 @@ salmonn-train: the paper's three training stages on the `transformers` Trainer.
 
 The recipe of the stage (`training/recipes/{stage}.yaml`: the paper's optimiser, schedule and batch size) gives the
 defaults; a YAML or JSON file of arguments given first (`salmonn-train my_run.yaml --seed 3`) overrides the recipe, and
-flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` receives the model and
-its processor (ready for `AutoModel` / `AutoProcessor` with `trust_remote_code=True`) and
-`salmonn_trainable.safetensors`, the trainable weights alone (apply it to a converted base with `python -m
-training.export`), and `adapter/`, the same as a PEFT adapter of the starting model (`PeftModel.from_pretrained`).
+flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` (new or empty, unless
+`--resume_from_checkpoint` or `--overwrite_output_dir`) receives the model and its processor (ready for `AutoModel` /
+`AutoProcessor` with `trust_remote_code=True`) and `salmonn_trainable.safetensors`, the trainable weights alone (apply
+it to a converted base with `python -m salmonn.training.export`), and `adapter/`, the same as a PEFT adapter of the
+starting model (`PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations
