@@ -251,6 +251,9 @@ def test_datasets_dataset_with_an_audio_column_decodes_with_soundfile(tmp_path):
     assert example["sampling_rate"] == 8000 and example["audio"].shape == (300,)
     with pytest.raises(ValueError, match="no audio column 'sound'"):
         HFDatasetItems(arrays, audio_column="sound")
+    prompted = datasets.Dataset.from_dict({"audio": [str(AUDIO / "duck.wav")], "text": ["quack"], "prompt": ["Which animal?"]})
+    example = SalmonnTrainDataset(HFDatasetItems(prompted, prompt_column="prompt"), PromptPool())[0]
+    assert example["prompt"] == "<Speech><SpeechHere></Speech> Which animal?"
 
 
 # -- synthetic audio -----------------------------------------------------------------------------------------

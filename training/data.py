@@ -208,7 +208,7 @@ class HFDatasetItems(Sequence):
         dataset,
         audio_column: str = "audio",
         text_column: str = "text",
-        prompt_column: str | None = "prompt",
+        prompt_column: str | None = None,
         task_column: str | None = "task",
         question_column: str | None = "Q",
         id_column: str | None = None,
