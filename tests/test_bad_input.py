@@ -450,6 +450,8 @@ def test_issue19_case2_overwrite_never_replaces_an_input_and_resume_stays_in_its
     manifest = out / "train.json"
     manifest.write_bytes(Path(train_setup["manifest"]).read_bytes())
     setup = {"base": train_setup["base"], "manifest": manifest}
+    assert main(_train_args(setup, out, "--max_steps", "1")) == 2
+    assert f"--output_dir {str(out)!r} is not empty: it holds train.json. Add --resume_from_checkpoint" in capsys.readouterr().err
     assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir")) == 2
     assert f"--output_dir {str(out)!r} holds --train_file {str(manifest)!r}; --overwrite_output_dir would" in capsys.readouterr().err
     assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir", "--resume_from_checkpoint", "last")) == 2

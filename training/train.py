@@ -493,8 +493,8 @@ def check_output_dir(model_args, data_args, salmonn_args, training_args) -> None
         )
     if not salmonn_args.overwrite_output_dir:
         checkpoint = last_complete_checkpoint(str(out))
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        held = f"a run saved up to {Path(checkpoint).name}" if checkpoint else f"{len(entries)} entries ({shown})"
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        held = f"a run saved up to {Path(checkpoint).name}" if checkpoint else shown
         raise ValueError(
             f"--output_dir {output_dir!r} is not empty: it holds {held}. Add --resume_from_checkpoint last to continue "
             "the run saved there, --overwrite_output_dir to replace it with this run, or choose a new folder"
