@@ -359,9 +359,9 @@ def test_case10_bad_samples_in_training_data_name_the_file(tmp_path, caplog, bad
     ]}))
     items = load_manifest(manifest)
     dataset = SalmonnTrainDataset(items, PromptPool(), name="train")
-    assert dataset[0] is not None
+    assert dataset[0]["id"] == str(good)
     with caplog.at_level(logging.WARNING):
-        assert dataset[1] is None  # skipped, like a missing file, and said so
+        assert dataset[1]["id"] == str(good)  # skipped for the next item, and said so
     expected = "non-finite sample(s)" if bad == "nan" else "samples up to 3e+29"
     assert f"train: item 1 skipped at load time: Audio {str(broken)!r}" in caplog.text and expected in caplog.text
     strict = SalmonnTrainDataset(items, PromptPool(), name="train", strict=True)
@@ -397,6 +397,145 @@ def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, 
     assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "last")) == 0
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_issue19_case2_second_run_into_a_finished_run_is_refused_then_overwrite_replaces_it(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--save_steps", "1")) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--seed", "5")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"salmonn-train: error: --output_dir {str(out)!r} is not empty: it holds a run saved up to checkpoint-1. Add "
+        "--resume_from_checkpoint last to continue the run saved there, --overwrite_output_dir to replace it with this "
+        "run, or choose a new folder"
+    )
+    assert _tree(out) == before
+
+    (out / "checkpoint-7").mkdir()  # a later checkpoint of the earlier run: `last` would pick it
+    (out / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "2", "--overwrite_output_dir")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine"  # what no run wrote stays
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "holds"])
+def test_issue19_case2_output_dir_and_the_base_model_folder_are_apart(tmp_path, capsys, relation):
+    from tests.utils import save_tiny_checkpoint
+    from salmonn.training.train import main
+
+    base = save_tiny_checkpoint(tmp_path / "models" / "base")
+    out = {"is": base, "is inside": base / "run", "holds": tmp_path / "models"}[relation]
+    before = _tree(tmp_path)
+    setup = {"base": base, "manifest": tmp_path / "train.json"}
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir")) == 2
+    assert f"--output_dir {str(out)!r} {relation} the folder of --model_name_or_path {str(base)!r}" in capsys.readouterr().err
+    assert _tree(tmp_path) == before and not (base / "run").exists()
+
+
+def test_issue19_case2_overwrite_never_replaces_an_input_and_resume_stays_in_its_run(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "train.json"
+    manifest.write_bytes(Path(train_setup["manifest"]).read_bytes())
+    setup = {"base": train_setup["base"], "manifest": manifest}
+    assert main(_train_args(setup, out, "--max_steps", "1")) == 2
+    assert f"--output_dir {str(out)!r} is not empty: it holds train.json. Add --resume_from_checkpoint" in capsys.readouterr().err
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir")) == 2
+    assert f"--output_dir {str(out)!r} holds --train_file {str(manifest)!r}; --overwrite_output_dir would" in capsys.readouterr().err
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir", "--resume_from_checkpoint", "last")) == 2
+    assert "--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one" in capsys.readouterr().err
+    other = tmp_path / "other" / "checkpoint-1"
+    other.mkdir(parents=True)
+    assert main(_train_args(setup, out, "--max_steps", "1", "--resume_from_checkpoint", str(other))) == 2
+    assert f"is not one of its checkpoints: resuming into it would mix two runs" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["train.json"]
+
+
+def _audio_manifest(tmp_path, paths) -> Path:
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": str(p), "text": "a tone", "task": "audiocaption"}) + "\n" for p in paths))
+    return manifest
+
+
+def test_issue19_case8_one_bad_audio_body_does_not_end_a_run(train_setup, tmp_path, capsys, caplog):
+    from salmonn.training.train import main
+
+    good = [_float_wav(tmp_path / f"good{k}.wav", _tone(0.5 + k / 4)) for k in range(2)]
+    nan = _tone(1.0)
+    nan[10] = np.nan
+    bad = _float_wav(tmp_path / "bad.wav", nan)  # a sound header: only decoding finds it
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF" + bytes(100))  # found at load time when the headers are not checked first
+    setup = {"base": train_setup["base"], "manifest": _audio_manifest(tmp_path, [good[0], bad, good[1], corrupt])}
+    args = ["--max_steps", "4", "--per_device_train_batch_size", "1", "--save_strategy", "no", "--verify_audio", "false"]
+    with caplog.at_level(logging.WARNING):
+        assert main(_train_args(setup, tmp_path / "out", *args)) == 0
+    assert f"item 1 skipped at load time: Audio {str(bad)!r} has 1 non-finite sample(s)" in caplog.text
+    assert f"item 2 ({str(good[1])!r}) is used in its place" in caplog.text
+    assert f"item 3 skipped at load time: {corrupt}: cannot decode audio file" in caplog.text
+    assert f"item 0 ({str(good[0])!r}) is used in its place" in caplog.text
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
+    assert main(_train_args(setup, tmp_path / "strict", *args, "--strict_data", "true")) == 2
+    err = capsys.readouterr().err
+    first_bad = f"item 1: Audio {str(bad)!r} has 1 non-finite sample(s)", f"item 3: {corrupt}: cannot decode audio file"
+    assert any(f"salmonn-train: error: train: {message}" in err for message in first_bad)  # whichever the shuffle meets first
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
+
+
+def test_issue19_case7_num_train_epochs_beats_the_recipes_max_steps(train_setup, tmp_path, caplog):
+    from salmonn.training.train import main
+
+    items = len(json.loads(Path(train_setup["manifest"]).read_text())["annotation"])
+    with caplog.at_level(logging.INFO):
+        assert main(_train_args(train_setup, tmp_path / "out", "--num_train_epochs", "1", "--save_strategy", "no", "--log_level", "info")) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == -(-items // 2) and state["epoch"] == 1.0  # not the recipe's 90,000 steps
+    assert "Training length: 1 epoch(s) (--num_train_epochs)" in caplog.text
+
+
+def test_issue19_case5_jsonl_train_file_is_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings; str.splitlines() would cut the record there."""
+    from salmonn.training.data import load_manifest
+
+    text = "say \u2028 this\u2029 and\u0085 that"
+    record = json.dumps({"audio": str(_wav(tmp_path / "a.wav", 0.5)), "text": text}, ensure_ascii=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes((record + "\r\n\n" + record).encode("utf-8"))
+    assert [item["text"] for item in load_manifest(manifest)] == [text, text]
+
+
+def test_issue19_case2_export_refuses_an_output_folder_that_is_or_holds_an_input(tmp_path, caplog, capsys):
+    from salmonn.training.export import TRAINABLE_EXPORT_NAME, main
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    export = run / TRAINABLE_EXPORT_NAME
+    export.write_bytes(b"export")
+    before = _tree(tmp_path)
+    for output, relation, flag, value in ((run, "holds", "--export", export), (base, "is", "--model_name_or_path", base)):
+        caplog.clear()
+        argv = ["--model_name_or_path", str(base), "--export", str(export), "--output_dir", str(output), "--overwrite_output_dir"]
+        assert main(argv) == 2
+        assert f"--output_dir {str(output)!r} {relation} the input {flag} {str(value)!r}; writing the merged model there" in caplog.text
+    assert _tree(tmp_path) == before
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m salmonn.training.export ")
 
 
 # -- salmonn-convert (cases 4, 13, 17) ----------------------------------------------------------------------------
