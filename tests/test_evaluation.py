@@ -404,7 +404,7 @@ def test_cli_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "not a known task" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--task", "asr", "--data", "x.jsonl"])
-    assert "--model, --output required" in capsys.readouterr().err
+    assert "--model_name_or_path, --output_dir required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--task", "asr", "--predictions", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl not found" in capsys.readouterr().err
