@@ -319,17 +319,29 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
                 raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
         output = output_path(args, infer_args)
-        output_lock = lock_output(output) if output is not None else None  # held until the run ends
-        run = {"model": args.model_name_or_path, "settings": args.settings()}
-        done_ids: set[str] = set()
-        if output is not None and not args.overwrite_output_dir:
-            records = read_records(output)
-            is_dataset = isinstance(items, DatasetPromptItems)
-            check_resumable(output, records, None if is_dataset else items, run, infer_args.prompt if is_dataset else None)
-            done_ids = {key for key, record in records.items() if "answer" in record}
+        output_lock = lock_output(output) if output is not None else None
     except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2
+    try:  # the lock is held until the run ends
+        return _resume_and_answer(args, infer_args, items, generation_kwargs, output)
+    finally:
+        if output_lock is not None:
+            output_lock.close()
+
+
+def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, generation_kwargs: dict, output: Path | None) -> int:
+    run = {"model": args.model_name_or_path, "settings": args.settings()}
+    done_ids: set[str] = set()
+    if output is not None and not args.overwrite_output_dir:
+        try:
+            records = read_records(output)
+            is_dataset = isinstance(items, DatasetPromptItems)
+            check_resumable(output, records, None if is_dataset else items, run, infer_args.prompt if is_dataset else None)
+        except (ValueError, OSError) as err:
+            logger.error("%s", err)
+            return 2
+        done_ids = {key for key, record in records.items() if "answer" in record}
 
     # A dataset is read row by row as it is answered: the engine skips the rows already done.
     todo = items if isinstance(items, DatasetPromptItems) and not args.stream else [item for item in items if item["id"] not in done_ids]
@@ -382,8 +394,6 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
         return 1
     finally:
         writer.close()
-        if output_lock is not None:
-            output_lock.close()
     elapsed = time.perf_counter() - start
     logger.info(
         "%d answered, %d failed, %d skipped in %.1f s%s",

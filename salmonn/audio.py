@@ -18,17 +18,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from modeling_salmonn.feature_extraction_salmonn import check_audio_path, decode_audio_file
-
 
 TARGET_SAMPLING_RATE = 16000
 # The original puts 0.1 s of silence (1600 samples at 16 kHz) between the clips of `expand_wav`.
 EXPAND_SILENCE_SECONDS = 0.1
 # Frames decoded at a time by `load_mono_16k` (x channels x 8 bytes: 4 MiB for 8 channels).
 BLOCK_FRAMES = 65536
-# Header values beyond any real recording (libsndfile itself accepts rates up to 655350 and 1024 channels).
+# Header values beyond any real recording (libsndfile itself accepts rates up to 655350 and 1024 channels), and
+# the most samples (frames x channels) one file may make the reader decode: 10 min of 8 channels at 384 kHz.
 MAX_SAMPLING_RATE = 384000
 MAX_CHANNELS = 64
+MAX_DECODED_SAMPLES = 600 * 8 * MAX_SAMPLING_RATE
+# Formats whose header gives the exact length (MP3's and Ogg's can be estimates): fewer frames than announced is a cut.
+_EXACT_LENGTH_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC")
 # libsndfile's note on a WAV whose data chunk claims more bytes than the file holds: "data : 264600 (should be 132278)".
 _CUT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 # Data sizes that writers of streams put in a header they cannot go back to (length unknown): not a cut file.
@@ -37,6 +39,8 @@ _UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
 
 def read_audio(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
     """A file (or a file's encoded bytes) as float64 at its own rate; channel 0 of multi-channel audio, as the original."""
+    from modeling_salmonn.feature_extraction_salmonn import decode_audio_file
+
     if name is None:
         name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
     data, rate = decode_audio_file(source, name)
@@ -91,6 +95,8 @@ def load_mono_16k(
     if isinstance(source, bytes):
         label, opened = "<bytes>", lambda: io.BytesIO(source)
     else:
+        from modeling_salmonn.feature_extraction_salmonn import check_audio_path
+
         check_audio_path(source, name)
         label, opened = os.fspath(source), lambda: os.fspath(source)
     try:
@@ -99,6 +105,13 @@ def load_mono_16k(
             if check_duration is not None:
                 check_duration(sound.frames / sound.samplerate, f"{name} ({label!r})")
             wanted = sound.frames if first_seconds is None else min(sound.frames, int(np.ceil(first_seconds * sound.samplerate)))
+            if wanted * sound.channels > MAX_DECODED_SAMPLES:
+                raise ValueError(
+                    f"{name}: audio file {label!r} would decode to {wanted * sound.channels} samples ({wanted} frames x "
+                    f"{sound.channels} channels at {sound.samplerate} Hz); the limit is {MAX_DECODED_SAMPLES} (10 min of "
+                    "8 channels at 384 kHz): convert it to mono 16 kHz first"
+                )
+            exact_length = sound.format in _EXACT_LENGTH_FORMATS
             stream = None
             if sound.samplerate != TARGET_SAMPLING_RATE:
                 stream = soxr.ResampleStream(sound.samplerate, TARGET_SAMPLING_RATE, 1, dtype="float64", quality="HQ")
@@ -120,7 +133,7 @@ def load_mono_16k(
             f"{name}: cannot decode audio file {label!r} (corrupt, or a format libsndfile does not read: use WAV, "
             f"FLAC, OGG or MP3): {err}"
         ) from err
-    if read < wanted:
+    if read < wanted and exact_length:
         raise ValueError(
             f"{name}: audio file {label!r} is cut short: its header announces {wanted} frames but only {read} could "
             "be decoded; it is not answered from the part that is there (copy or download it again)"
