@@ -31,7 +31,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, read_audio
+from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, load_mono_16k
 from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
 from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, row_audio
@@ -107,8 +107,12 @@ class EvalArguments:
 
 
 def _load_joined_audio(item: dict):
-    """Main audio + `expand_wav` files, channel 0, 16 kHz, joined by 0.1 s of silence (the original's layout)."""
-    return join_with_silence([read_audio(path) for path in [item["audio"], *item["expand_wav"]]])[0]
+    """
+    Main audio + `expand_wav` files, channel 0, 16 kHz, joined by 0.1 s of silence (the original's layout); each file
+    decoded in bounded blocks as salmonn-infer decodes its inputs.
+    """
+    parts = [item["audio"], *item["expand_wav"]]
+    return join_with_silence([(load_mono_16k(path, f"item {item.get('id')!r}"), TARGET_SAMPLING_RATE) for path in parts])[0]
 
 
 class _ModelItems:
