@@ -313,12 +313,12 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
     try:
         args.check()
         generation_kwargs = args.generation_kwargs()
+        output = output_path(args, infer_args)
         items = _items(args, infer_args, data_args, inputs)
         if args.stream:
             if generation_kwargs.get("num_beams", 1) != 1:
                 raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
-        output = output_path(args, infer_args)
         output_lock = lock_output(output) if output is not None else None
     except (ValueError, OSError) as err:
         logger.error("%s", err)

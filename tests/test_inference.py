@@ -577,10 +577,13 @@ def test_cli_stream_single_item(checkpoint, audio_tree, tmp_path, capsys):
         (["nomatch-*.wav"], "the glob matches no file"),
         ([], "no INPUT given"),
         (["--batch-size", "0", "x.wav"], "--batch_size must be at least 1"),
+        (["--output", "a.jsonl", "--output_dir", "b", "x.wav"], "give --output_dir (a folder) or --output (a file), not both"),
+        (["--output_dir", "manifest.csv", "x.wav"], "--output_dir 'manifest.csv' is a file, not a folder"),
     ],
 )
 def test_cli_bad_arguments_exit_with_a_clear_error(checkpoint, tmp_path, monkeypatch, caplog, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "manifest.csv").write_text("audio\nx.wav\n")
     assert infer_main(["--model", str(checkpoint), *argv]) == 2
     assert message in caplog.text
 
