@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
+from salmonn.cli import setup_logging
+
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def build_demo_folder(save_dir: Path, seed: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
 
     from transformers import AutoModel, AutoProcessor

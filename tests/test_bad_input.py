@@ -108,6 +108,190 @@ def test_case14_output_that_is_a_folder_is_a_clear_error(tmp_path, caplog):
     assert list(folder.iterdir()) == []
 
 
+# -- issue 19 (round 2): infer/eval outputs, records and resumption (items 4, 5, 6, 11) ---------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_r2_output_that_is_not_a_regular_file_is_refused_up_front(tmp_path, caplog, kind):
+    output = tmp_path / "pipe.jsonl" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(output)  # opening it would wait forever for a reader
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert f"--output {str(output)!r} is not a regular file (a pipe, device or socket)" in caplog.text
+
+
+def test_r2_records_with_unicode_line_separators_read_back(tmp_path):
+    from salmonn.evaluation.items import load_manifest
+    from salmonn.evaluation.tasks import get_task
+    from salmonn.inference.output import JsonlWriter, read_records
+
+    output = tmp_path / "out.jsonl"
+    writer = JsonlWriter(output)
+    prompts = ["line\u2028separator", "next\x85line", "para\u2029graph"]
+    for k, prompt in enumerate(prompts):
+        writer.write({"id": str(k), "audio": "a.wav", "prompt": prompt, "answer": "ok"})
+    writer.close()
+    assert "\u2028" in output.read_text(encoding="utf-8")  # written as readable text, not escaped
+    assert [r["prompt"] for r in read_records(output).values()] == prompts
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [i["reference"] for i in load_manifest(manifest, get_task("asr"))] == ["one\u2028two"]
+
+
+def test_r2_an_id_that_is_not_utf8_is_written_escaped_and_later_items_go_on(tmp_path):
+    from salmonn.inference.output import JsonlWriter, read_records
+
+    output = tmp_path / "out.jsonl"
+    writer = JsonlWriter(output)
+    writer.write({"id": json.loads('"bad\\udc80id"'), "audio": "a.wav", "prompt": "p", "answer": "x"})
+    writer.write({"id": "after", "audio": "b.wav", "prompt": "p\u00e9", "answer": "y"})
+    writer.close()
+    lines = output.read_bytes().split(b"\n")
+    assert lines[0].startswith(b'{"id": "bad\\udc80id"') and lines[1].startswith('{"id": "after", "audio": "b.wav", "prompt": "p\u00e9"'.encode())
+    assert list(read_records(output)) == ["bad\udc80id", "after"]
+
+
+def test_r2_failed_items_are_retried_and_another_run_is_refused(tmp_path, caplog):
+    from salmonn.inference.output import read_done_ids
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    output = tmp_path / "out.jsonl"
+    run = {"model": str(tmp_path / "no-model"), "settings": {"generation": {}, "lora_scaling": None, "engine": "transformers"}}
+    failed = {"id": str(clip), "audio": str(clip), "prompt": "Please describe the audio in detail.", "error": "missing", **run}
+    output.write_text(json.dumps(failed) + "\n")
+    assert read_done_ids(output) == set()  # an error is not done: the item is tried again
+    for other, message in [
+        ({"model": "another/model"}, "holds answers made with model='another/model'"),
+        ({"settings": {**run["settings"], "lora_scaling": 2.0}}, "holds answers made with settings="),
+        ({"prompt": "Transcribe."}, f"item {str(clip)!r} was answered for prompt 'Transcribe.'"),
+    ]:
+        answered = {**failed, "answer": "a dog", **other}
+        del answered["error"]
+        content = json.dumps(answered) + "\n"
+        output.write_text(content)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert _infer(tmp_path, output) == 2
+        assert message in caplog.text and "--overwrite_output_dir to start afresh" in caplog.text
+        assert output.read_text() == content
+
+
+def test_r2_a_full_disk_is_one_error_and_keeps_what_was_written(saved, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from salmonn.inference import output as output_module
+    from salmonn.inference.infer import main
+
+    clips = [str(_wav(tmp_path / f"{name}.wav", 1.0)) for name in ("a", "b")]
+    real_fsync, synced = os.fsync, []
+
+    def full_after_one(fd):
+        if synced:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(output_module.os, "fsync", full_after_one)
+    out = tmp_path / "run"
+    argv = ["--model", str(saved), "--output_dir", str(out), "--no_progress", "--num_beams", "1", "--max_new_tokens", "2",
+            "--batch_size", "1", "--device", "cpu", *clips]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert errors[0].getMessage().startswith(f"--output {str(out / 'predictions.jsonl')!r}: the disk is full (No space left on device)")
+    first = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert first[0]["id"] == clips[0] and "answer" in first[0]
+
+
+@pytest.mark.parametrize("field,value", [("reference", 42), ("hypothesis", ["a", "b"]), ("reference", ["ok", None])])
+def test_r2_eval_non_string_fields_are_named(tmp_path, capsys, field, value):
+    from salmonn.evaluation.evaluate import main
+
+    record = {"id": "u7", "prompt": "p", "reference": "a b", "hypothesis": "a b", field: value}
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--task", "asr", "--predictions", str(predictions)])
+    assert exit_info.value.code == 2
+    assert f"salmonn-eval: error: item 'u7': {field!r} must be a string" in capsys.readouterr().err
+
+
+# -- issue 19 (round 2): audio that decodes to far more than its file size (items 3, 10) ---------------------------
+
+
+def _silent_flac(path: Path, rate: int, channels: int, seconds: int) -> Path:
+    with soundfile.SoundFile(str(path), "w", rate, channels, subtype="PCM_16", format="FLAC") as sound:
+        block = np.zeros((rate, channels), dtype=np.int16)
+        for _ in range(seconds):
+            sound.write(block)
+    return path
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from salmonn.audio import load_mono_16k
+encoded = open(sys.argv[1], "rb").read()  # the bytes of an upload: the path check needs transformers, slow to import
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+audio = load_mono_16k(encoded, "audio")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_mb": (after - before) / 1024, "samples": len(audio), "peak": float(abs(audio).max())}))
+"""
+
+
+def test_r2_compressed_audio_is_decoded_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+
+    # 8 channels of silence at 384 kHz for 6 s: a 20 KB FLAC that decodes to 147 MB of float64 in one piece.
+    path = _silent_flac(tmp_path / "huge.flac", 384000, 8, 6)
+    assert path.stat().st_size < 100_000
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    measured = json.loads(result.stdout)
+    assert measured["samples"] == 6 * 16000 and measured["peak"] == 0.0
+    whole_mb = 6 * 384000 * 8 * 8 / 2**20
+    assert measured["growth_mb"] < 30 < whole_mb / 4, measured  # about the 16 kHz mono result plus one block
+
+
+def test_r2_block_decoding_gives_the_samples_of_the_whole_file_reader(tmp_path):
+    from salmonn.audio import BLOCK_FRAMES, load_mono_16k, read_audio, resample
+
+    rng = np.random.default_rng(0)
+    stereo = 0.2 * rng.standard_normal((3 * BLOCK_FRAMES + 123, 2))
+    soundfile.write(str(tmp_path / "s.wav"), stereo, 44100, subtype="PCM_16")
+    whole, rate = read_audio(tmp_path / "s.wav")
+    np.testing.assert_array_equal(load_mono_16k(tmp_path / "s.wav"), resample(whole, rate))
+
+
+def test_r2_absurd_headers_are_refused_before_decoding(tmp_path):
+    from salmonn.audio import load_mono_16k
+
+    path = _silent_flac(tmp_path / "many.flac", 384000, 8, 1)
+    with pytest.raises(ValueError, match=r"item 'x': audio file '.*many\.flac' would decode to 3072000 samples \(384000 frames x 8 channels"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("salmonn.audio.MAX_DECODED_SAMPLES", 1_000_000)
+            load_mono_16k(path, "item 'x'")
+    soundfile.write(str(tmp_path / "fast.wav"), np.zeros(10), 500000)
+    with pytest.raises(ValueError, match=r"declares a sampling rate of 500000 Hz; expected 1 to 384000 Hz"):
+        load_mono_16k(tmp_path / "fast.wav", "item 'x'")
+
+
+def test_r2_wav_cut_short_is_refused_naming_the_file(tiny, tmp_path):
+    from salmonn.inference.engine import prepare_item
+    from salmonn.inference.web import stream_answer
+
+    model, processor = tiny
+    whole = _wav(tmp_path / "whole.wav", 2.0).read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[: len(whole) // 2])
+    message = rf"audio file '{cut}' is cut short: its header announces 64000 bytes of audio but the file holds 31978"
+    with pytest.raises(ValueError, match=rf"item 'x': {message}"):
+        prepare_item(processor, {"id": "x", "audio": str(cut), "prompt": "Describe."})
+    with pytest.raises(ValueError, match=rf"audio\[0\]: {message}"):  # salmonn-web's uploads take the same reader
+        stream_answer(model, processor, "Describe.", audio=str(cut))
+
+
 # -- processor and feature extractor (cases 5, 6, 16, 20) -------------------------------------------------------
 
 
