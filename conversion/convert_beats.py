@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from salmonn.conversion.beats import load_original_beats
+from salmonn.cli import setup_logging
 from salmonn.conversion.io_utils import atomic_output_dir, check_output_not_input
 from modeling_salmonn.modeling_beats import BEATS_NUM_MEL_BINS, BeatsModel
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert an original BEATs checkpoint into a folder that AutoModel loads with trust_remote_code.",
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     try:
         output = convert_beats(args.beats, args.output, overwrite=args.overwrite, dtype=args.dtype)
     except (ValueError, OSError, RuntimeError) as error:

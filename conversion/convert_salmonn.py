@@ -31,6 +31,7 @@ from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForC
 from modeling_salmonn.modelcard_salmonn import AUTO_MAP, copy_remote_code, hub_id_of, license_for_llm, salmonn_model_card
 from modeling_salmonn.generation_salmonn import original_generation_config
 from modeling_salmonn.processing_salmonn import AUDIO_TOKEN, add_salmonn_tokens
+from salmonn.cli import setup_logging
 
 
 logger = logging.getLogger(__name__)
@@ -532,7 +533,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
     try:
         output = convert_salmonn(args)

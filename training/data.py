@@ -26,6 +26,7 @@ import torch
 
 from modeling_salmonn.feature_extraction_salmonn import MAX_ABS_AMPLITUDE
 from salmonn.audio import join_with_silence, read_audio
+from salmonn.jsonl import split_jsonl
 
 from .prompts import AUDIO_MARKER, AUDIO_PREFIX, PromptPool, validate_prompt
 
@@ -174,13 +175,11 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
             records = data
         elif suffix == ".jsonl":
             records = []
-            # By "\n" only: str.splitlines() would also split at U+2028 and other separators valid inside strings.
-            for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
+            for line_no, line in split_jsonl(path.read_text(encoding="utf-8-sig")):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
         elif suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")

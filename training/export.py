@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from salmonn.cli import setup_logging
+
 from .trainable import is_trainable_parameter, trainable_state_dict
 
 
@@ -189,7 +191,7 @@ class ExportArguments:
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = HfArgumentParser(
         ExportArguments,
         prog="python -m salmonn.training.export",

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from salmonn.cli import setup_logging as cli_setup_logging
+
 
 logger = logging.getLogger(__name__)
 
@@ -531,8 +533,8 @@ def cap_dataloader_workers(training_args) -> None:
 def setup_logging(training_args) -> None:
     import transformers
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
+    cli_setup_logging(logging.WARNING)  # other libraries stay at warnings; ours follow --log_level
     logging.getLogger(__package__).setLevel(level)  # this module, the data checks and the trainer
     transformers.utils.logging.set_verbosity(level)
 
