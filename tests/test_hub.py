@@ -205,8 +205,9 @@ def test_converted_card_names_hub_sources_and_the_cached_release(tmp_path):
     assert metadata["base_model"] == ["openai/whisper-large-v2"] and metadata["license"] == "other"
 
 
-def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
+def test_a_users_adapter_saves_alone_and_reloads_exactly(tmp_path):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModel, AutoProcessor
 
     base = save_tiny_checkpoint(tmp_path / "base")
@@ -215,6 +216,7 @@ def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
         LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|k_proj)"),
         adapter_name="mine",
     )
+    assert list(peft_model.peft_config.keys()) == ["mine"] and "default" in peft_model.peft_config
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if ".mine." in name:
@@ -223,11 +225,36 @@ def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
     t = np.arange(16000) / 16000
     inputs = processor(text=processor.format_prompt("Describe."), audio=0.3 * np.sin(2 * np.pi * 300 * t), sampling_rate=16000)
     want = _logits(peft_model.eval(), inputs)
-    peft_model.save_pretrained(tmp_path / "adapters")
-    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), tmp_path / "adapters" / "mine", adapter_name="mine")
+    saved = tmp_path / "adapters"
+    peft_model.save_pretrained(saved)
+    # SALMONN's LoRA is part of the base model: only the user's adapter is written (peft puts it under its name).
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "mine"]
+    tensors = load_file(saved / "mine" / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 2 * 2 and all(".q_proj." in k or ".k_proj." in k for k in tensors)  # A/B, 2 layers, q/k
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json'"):
+        PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), saved)
+    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), saved / "mine", adapter_name="mine")
     assert torch.equal(_logits(loaded.eval(), inputs), want)
+    q_proj = loaded.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    assert q_proj.active_adapters == ["default", "mine"]  # SALMONN's LoRA once, then the user's
     without = _logits(AutoModel.from_pretrained(base, trust_remote_code=True).eval(), inputs)
     assert not torch.allclose(want, without)
+
+
+def test_an_adapter_on_the_encoders_too_is_named_once(tiny, caplog):
+    import logging
+
+    model, _ = tiny
+    with caplog.at_level(logging.WARNING):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="mine")
+    assert caplog.text.count("wraps") == 1
+    assert "The adapter 'mine' wraps 8 layers outside the language model (in beats, speech_encoder" in caplog.text
+    assert r"target_modules=r'model\.language_model\..*\.(q_proj|v_proj)'" in caplog.text
+    caplog.clear()
+    other, _ = tiny_model_and_processor(seed=0)
+    with caplog.at_level(logging.WARNING):
+        get_peft_model(other, LoraConfig(r=4, target_modules=r"model\.language_model\..*\.(q_proj|v_proj)"), adapter_name="mine")
+    assert "wraps" not in caplog.text
 
 
 # -- model_card.md: the one template ---------------------------------------------------------------------------
