@@ -170,21 +170,24 @@ class SalmonnProcessor(ProcessorMixin):
         rate = self.feature_extractor.sampling_rate if sampling_rate is None else sampling_rate
         return self.feature_extractor.prepare_audio(audio, rate, truncation=truncation, name=name)
 
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """
         Decodes generated ids (what the `any-to-any` pipeline calls for the prompt and for prompt + answer). LLaMA's
         tokenizer puts the space before an answer's first word into that word's token; it is dropped after the last
         `ASSISTANT:` so that the pipeline's answer, cut after the decoded prompt, starts with the word.
         """
-        texts = self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        decoded = super().post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
         turn = [{"role": "user", "content": ""}]
         without = self.apply_chat_template(turn, tokenize=False)
         generation_prompt = self.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)[len(without):]
-        answers = []
-        for text in texts:
+
+        def answer_without_leading_space(text: str) -> str:
             head, prompt, answer = text.rpartition(generation_prompt)
-            answers.append(head + prompt + answer[1:] if prompt and answer.startswith(" ") else text)
-        return answers
+            return head + prompt + answer[1:] if prompt and answer.startswith(" ") else text
+
+        if isinstance(decoded, str):
+            return answer_without_leading_space(decoded)
+        return [answer_without_leading_space(text) for text in decoded]
 
     def _tokenize_piece(self, text: str) -> list[int]:
         if not text:

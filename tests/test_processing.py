@@ -84,3 +84,14 @@ def test_chat_template_leaves_the_conversation_unchanged(processor):
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "Describe."}]}]
     processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert conversation[0]["content"][0]["audio"] is audio and audio["array"].shape == (RATE * SECONDS,)
+
+
+def test_decoded_answers_start_with_their_first_word(processor):
+    # The any-to-any pipeline decodes the prompt and prompt + answer, and keeps what follows the decoded prompt.
+    prompt_ids = processor.tokenizer("USER: hi\nASSISTANT:")["input_ids"]
+    full_ids = processor.tokenizer("USER: hi\nASSISTANT: A rising tone")["input_ids"]
+    assert processor.tokenizer.decode(full_ids, skip_special_tokens=True).endswith("ASSISTANT: A rising tone")
+    (prompt,) = processor.post_process_image_text_to_text(torch.tensor([prompt_ids]))
+    full = processor.post_process_image_text_to_text(torch.tensor(full_ids))  # one sequence gives one string
+    assert full.startswith(prompt) and full[len(prompt):] == "A rising tone"
+    assert processor.post_process_image_text_to_text(torch.tensor(processor.tokenizer(" A rising tone")["input_ids"])) == "A rising tone"
