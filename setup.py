@@ -1,7 +1,24 @@
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 HELPER_PACKAGES = ("conversion", "training", "inference", "evaluation")
+# The model card template stays at the top of the repository (one file people read and edit); installed, it is
+# package data of `modeling_salmonn`, where the card writer finds it.
+CARD_TEMPLATE = "model_card.md"
+
+
+class BuildPyWithCardTemplate(build_py):
+    """Installs the top-level `model_card.md` into the built `modeling_salmonn` package (never into the sources)."""
+
+    def run(self):
+        super().run()
+        self.copy_file(CARD_TEMPLATE, str(Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE))
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE)]
 
 setup(
     name="salmonn",
@@ -20,6 +37,7 @@ setup(
         "salmonn.inference": ["demo_model/*"],
     },
     include_package_data=True,
+    cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
         "torch>=2.1",
         "transformers>=5.19,<6",

@@ -102,6 +102,11 @@ class SalmonnPreTrainedModel(SalmonnHubMixin, PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
 
     @property
+    def is_gradient_checkpointing(self) -> bool:
+        """The deprecated name that peft reads on every adapter call, answered without transformers' FutureWarning."""
+        return self.is_activation_checkpointing
+
+    @property
     def dtype(self) -> torch.dtype:
         """The language model's dtype (the Q-Former path may be float32 in a half-precision model)."""
         return self.get_input_embeddings().weight.dtype
