@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,9 @@ from .modeling_beats import BeatsModel
 
 
 logger = logging.get_logger(__name__)
+
+QUERY_TOKENS = "speech_query_tokens"
+DEVICE_MAP_NO_SUBMODULE = "The following device_map keys do not match any submodules in the model:"
 
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`, in forward arguments and in the output classes;
@@ -417,7 +422,14 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
         # A user's `quantization_config` would quantize every linear layer (Whisper, BEATs, the Q-Former); SALMONN
         # quantizes the language model only. transformers copies the config before `__init__`, so it is done here.
         quantize_language_model_only(kwargs.get("quantization_config"))
-        return super().from_pretrained(*args, **kwargs)
+        with warnings.catch_warnings():
+            # A device map that splits `SalmonnModel` lists its bare parameter `speech_query_tokens` by name (as
+            # BLIP-2's `query_tokens`), which accelerate's `check_device_map` reports as "no submodule" although it
+            # places it correctly. Only that exact report is silenced, only while loading.
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"{DEVICE_MAP_NO_SUBMODULE} ['model.{QUERY_TOKENS}']"), category=UserWarning
+            )
+            return super().from_pretrained(*args, **kwargs)
 
     @classmethod
     def _load_pretrained_model(cls, model, state_dict, checkpoint_files, *args, **kwargs):

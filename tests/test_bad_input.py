@@ -943,7 +943,7 @@ def test_case9_prompt_longer_than_the_context_is_refused_and_answers_stop_at_its
 # -- offloading (case 23) ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # the bare query parameter
+@pytest.mark.filterwarnings("error:The following device_map keys do not match")  # none about the query parameter
 def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path, tiny):
     from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
 
