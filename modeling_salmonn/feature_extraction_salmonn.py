@@ -190,22 +190,19 @@ def _channel_0_blocks(sound, frames: int):
         yield np.ascontiguousarray(block[:, 0])
 
 
-def _decode_channel_0(sound, frames: int, sampling_rate: int) -> tuple[np.ndarray, int]:
+def _decode_channel_0(sound, frames: int, stream) -> tuple[np.ndarray, int]:
     """
-    Channel 0 of `frames` frames at `sampling_rate`, and the frames actually decoded. Resampling runs as a soxr "HQ"
-    stream, which gives exactly the samples of `soxr.resample` on the whole signal; at the file's own rate the
-    result is filled in place, so the peak memory is the result plus one block either way.
+    Channel 0 of `frames` frames, resampled by `stream` (a soxr "HQ" `ResampleStream`, which gives exactly the
+    samples of `soxr.resample` on the whole signal) or at the file's rate (`None`), and the frames actually decoded.
+    At the file's rate the result is filled in place, so the peak memory is the result plus one block either way.
     """
     decoded = 0
-    if sampling_rate == sound.samplerate:
+    if stream is None:
         audio = np.empty(frames, dtype=np.float64)
         for block in _channel_0_blocks(sound, frames):
             audio[decoded : decoded + len(block)] = block
             decoded += len(block)
         return audio[:decoded], decoded
-    import soxr
-
-    stream = soxr.ResampleStream(sound.samplerate, sampling_rate, 1, dtype="float64", quality="HQ")
     pieces = []
     for block in _channel_0_blocks(sound, frames):
         pieces.append(stream.resample_chunk(block))
@@ -231,6 +228,7 @@ def decode_audio_file(
     encoded bytes of a file; every problem is a `ValueError` naming `name` and the file.
     """
     import soundfile
+    import soxr
 
     if isinstance(source, bytes):
         label, opened = "<bytes>", io.BytesIO(source)
@@ -251,8 +249,11 @@ def decode_audio_file(
     with sound:
         frames = _frames_to_decode(sound, label, name, first_seconds, check_duration)
         rate = sound.samplerate if sampling_rate is None else sampling_rate
+        stream = None
+        if rate != sound.samplerate:
+            stream = soxr.ResampleStream(sound.samplerate, rate, 1, dtype="float64", quality="HQ")
         try:
-            audio, decoded = _decode_channel_0(sound, frames, rate)
+            audio, decoded = _decode_channel_0(sound, frames, stream)
         except Exception as err:
             raise undecodable(err) from err
         exact_length = sound.format in _EXACT_LENGTH_FORMATS
