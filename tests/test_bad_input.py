@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -231,37 +232,118 @@ def _silent_flac(path: Path, rate: int, channels: int, seconds: int) -> Path:
 
 _PEAK_SCRIPT = """
 import json, resource, sys
-from salmonn.audio import load_mono_16k
-encoded = open(sys.argv[1], "rb").read()  # the bytes of an upload: the path check needs transformers, slow to import
+{setup}
+read(sys.argv[2])  # a small file first: lazy imports and caches are not growth
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-audio = load_mono_16k(encoded, "audio")
+result = read(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"growth_mb": (after - before) / 1024, "samples": len(audio), "peak": float(abs(audio).max())}))
+print(json.dumps({{"growth_mb": (after - before) / 1024, **result}}))
 """
 
 
-def test_r2_compressed_audio_is_decoded_in_bounded_memory(tmp_path):
+def _peak_rss_growth(setup: str, path: Path, small: Path) -> dict:
+    """
+    The peak RSS growth (MB) of `read(path)`, a function that `setup` defines, in a fresh interpreter, merged with the
+    dict `read` returns; `read(small)` runs first, so that imports and caches do not count.
+    """
     import subprocess
     import sys
 
-    # 8 channels of silence at 384 kHz for 6 s: a 20 KB FLAC that decodes to 147 MB of float64 in one piece.
-    path = _silent_flac(tmp_path / "huge.flac", 384000, 8, 6)
-    assert path.stat().st_size < 100_000
-    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
-    measured = json.loads(result.stdout)
-    assert measured["samples"] == 6 * 16000 and measured["peak"] == 0.0
-    whole_mb = 6 * 384000 * 8 * 8 / 2**20
-    assert measured["growth_mb"] < 30 < whole_mb / 4, measured  # about the 16 kHz mono result plus one block
+    script = _PEAK_SCRIPT.format(setup=textwrap.dedent(setup))
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(small)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# 8 channels of silence at 384 kHz for 6 s: a 20 KB FLAC that decodes to 147 MB of float64 in one piece.
+_HUGE_SECONDS = 6
+_HUGE_WHOLE_MB = _HUGE_SECONDS * 384000 * 8 * 8 / 2**20
+
+
+def _huge_and_small_flac(tmp_path: Path) -> tuple[Path, Path]:
+    huge = _silent_flac(tmp_path / "huge.flac", 384000, 8, _HUGE_SECONDS)
+    assert huge.stat().st_size < 100_000
+    return huge, _silent_flac(tmp_path / "small.flac", 384000, 8, 1)
+
+
+def test_r2_compressed_audio_is_decoded_in_bounded_memory(tmp_path):
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = """
+        from salmonn.audio import load_mono_16k
+
+        def read(path):
+            encoded = open(path, "rb").read()  # the bytes of an upload
+            audio = load_mono_16k(encoded, "audio")
+            return {"samples": len(audio), "peak": float(abs(audio).max())}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["samples"] == _HUGE_SECONDS * 16000 and measured["peak"] == 0.0
+    assert measured["growth_mb"] < 30 < _HUGE_WHOLE_MB / 4, measured  # about the 16 kHz mono result plus one block
+
+
+def test_r2_processor_reads_a_compressed_path_in_bounded_memory(saved, tmp_path):
+    # The processor as a user loads it (its remote code), given the path: the same block reader as salmonn-infer.
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = f"""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+
+        def read(path):
+            features = processor(text=processor.format_prompt("Describe."), audio=path)
+            return {{"segments": len(features["input_features"]), "frames": int(features["input_values_mask"].sum())}}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["segments"] == 1 and measured["frames"] == 1 + (_HUGE_SECONDS * 16000 - 400) // 160
+    assert measured["growth_mb"] < 30 < _HUGE_WHOLE_MB / 4, measured  # the features, not the decoded file
+
+
+def test_r2_training_reader_decodes_a_compressed_file_in_bounded_memory(tmp_path):
+    # Training keeps the file's own rate (the collator resamples): channel 0 at 384 kHz, 18 MB, not all 8 channels.
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = """
+        from salmonn.audio import read_audio
+
+        def read(path):
+            audio, rate = read_audio(path)
+            return {"samples": len(audio), "rate": rate, "peak": float(abs(audio).max())}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["samples"] == _HUGE_SECONDS * 384000 and measured["rate"] == 384000 and measured["peak"] == 0.0
+    channel_0_mb = _HUGE_SECONDS * 384000 * 8 / 2**20
+    assert measured["growth_mb"] < channel_0_mb + 12 < _HUGE_WHOLE_MB / 4, measured  # the result plus one block
 
 
 def test_r2_block_decoding_gives_the_samples_of_the_whole_file_reader(tmp_path):
-    from salmonn.audio import BLOCK_FRAMES, load_mono_16k, read_audio, resample
+    from modeling_salmonn.feature_extraction_salmonn import DECODE_BLOCK_FRAMES
+    from salmonn.audio import load_mono_16k, read_audio, resample
 
     rng = np.random.default_rng(0)
-    stereo = 0.2 * rng.standard_normal((3 * BLOCK_FRAMES + 123, 2))
+    stereo = 0.2 * rng.standard_normal((3 * DECODE_BLOCK_FRAMES + 123, 2))
     soundfile.write(str(tmp_path / "s.wav"), stereo, 44100, subtype="PCM_16")
     whole, rate = read_audio(tmp_path / "s.wav")
     np.testing.assert_array_equal(load_mono_16k(tmp_path / "s.wav"), resample(whole, rate))
+
+
+@pytest.mark.parametrize("fmt,subtype,rate", [("WAV", "PCM_16", 44100), ("FLAC", "PCM_24", 48000), ("OGG", "VORBIS", 22050), ("WAV", "FLOAT", 16000)])
+def test_r2_block_reader_gives_every_path_the_samples_of_the_whole_file(tiny, tmp_path, fmt, subtype, rate):
+    from salmonn.audio import read_audio
+
+    _, processor = tiny
+    stereo = 0.2 * np.random.default_rng(0).standard_normal((int(32.5 * rate), 2))  # past the 31 s truncation reads
+    path = tmp_path / f"clip.{fmt.lower()}"
+    soundfile.write(str(path), stereo, rate, format=fmt, subtype=subtype)
+    whole, file_rate = soundfile.read(str(path), dtype="float64")  # what every path decoded before, all at once
+    training, training_rate = read_audio(path)
+    assert training_rate == rate
+    np.testing.assert_array_equal(training, whole[:, 0])
+    prompt = processor.format_prompt("Describe.")
+    for truncation in (False, True):
+        from_path = processor(text=prompt, audio=str(path), truncation=truncation)
+        from_array = processor(text=prompt, audio=whole, sampling_rate=file_rate, truncation=truncation)
+        assert from_path["input_features"].shape[0] == (1 if truncation else 2)
+        for key in ("input_ids", "input_features", "input_values", "input_values_mask"):
+            assert torch.equal(from_path[key], from_array[key]), (key, truncation)
 
 
 def test_r2_absurd_headers_are_refused_before_decoding(tmp_path):
@@ -270,7 +352,7 @@ def test_r2_absurd_headers_are_refused_before_decoding(tmp_path):
     path = _silent_flac(tmp_path / "many.flac", 384000, 8, 1)
     with pytest.raises(ValueError, match=r"item 'x': audio file '.*many\.flac' would decode to 3072000 samples \(384000 frames x 8 channels"):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("salmonn.audio.MAX_DECODED_SAMPLES", 1_000_000)
+            patch.setattr("modeling_salmonn.feature_extraction_salmonn.MAX_DECODED_SAMPLES", 1_000_000)
             load_mono_16k(path, "item 'x'")
     soundfile.write(str(tmp_path / "fast.wav"), np.zeros(10), 500000)
     with pytest.raises(ValueError, match=r"declares a sampling rate of 500000 Hz; expected 1 to 384000 Hz"):
@@ -372,15 +454,15 @@ def test_case19_csv_with_a_byte_order_mark_is_read(tmp_path):
 def no_decoding(monkeypatch):
     """Fails any full decode; records the `frames` of partial reads."""
     reads = []
-    real_read = soundfile.read
+    real_read = soundfile.SoundFile.read
 
-    def read(file, frames=-1, *args, **kwargs):
+    def read(self, frames=-1, *args, **kwargs):
         if frames < 0:
-            raise AssertionError(f"{file} was decoded whole")
+            raise AssertionError(f"{self.name} was decoded whole")
         reads.append(frames)
-        return real_read(file, frames, *args, **kwargs)
+        return real_read(self, frames, *args, **kwargs)
 
-    monkeypatch.setattr(soundfile, "read", read)
+    monkeypatch.setattr(soundfile.SoundFile, "read", read)
     return reads
 
 
@@ -401,7 +483,9 @@ def test_case8_truncation_reads_only_the_first_31_seconds(tiny, tmp_path, no_dec
     _, processor = tiny
     path = _wav(tmp_path / "long.wav", 40.0, rate=8000)
     inputs = processor(text=processor.format_prompt("Describe."), audio=str(path), truncation=True)
-    assert no_decoding == [31 * 8000]
+    from modeling_salmonn.feature_extraction_salmonn import DECODE_BLOCK_FRAMES
+
+    assert sum(no_decoding) == 31 * 8000 and max(no_decoding) == DECODE_BLOCK_FRAMES  # in blocks
     assert inputs["input_features"].shape[0] == 1
 
 
