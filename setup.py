@@ -11,14 +11,24 @@ CARD_TEMPLATE = "model_card.md"
 
 
 class BuildPyWithCardTemplate(build_py):
-    """Installs the top-level `model_card.md` into the built `modeling_salmonn` package (never into the sources)."""
+    """
+    Installs the top-level `model_card.md` into the built `modeling_salmonn` package (never into the sources). An
+    editable install builds no package folder: there the card writer reads the template from the source checkout.
+    """
+
+    def _card_target(self) -> Path | None:
+        return None if getattr(self, "editable_mode", False) else Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE
 
     def run(self):
         super().run()
-        self.copy_file(CARD_TEMPLATE, str(Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE))
+        target = self._card_target()
+        if target is not None:
+            self.mkpath(str(target.parent))
+            self.copy_file(CARD_TEMPLATE, str(target))
 
     def get_outputs(self, include_bytecode=True):
-        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE)]
+        target = self._card_target()
+        return [*super().get_outputs(include_bytecode), *([str(target)] if target is not None else [])]
 
 setup(
     name="salmonn",
