@@ -1,7 +1,34 @@
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 HELPER_PACKAGES = ("conversion", "training", "inference", "evaluation")
+# The model card template stays at the top of the repository (one file people read and edit); installed, it is
+# package data of `modeling_salmonn`, where the card writer finds it.
+CARD_TEMPLATE = "model_card.md"
+
+
+class BuildPyWithCardTemplate(build_py):
+    """
+    Installs the top-level `model_card.md` into the built `modeling_salmonn` package (never into the sources). An
+    editable install builds no package folder: there the card writer reads the template from the source checkout.
+    """
+
+    def _card_target(self) -> Path | None:
+        return None if getattr(self, "editable_mode", False) else Path(self.build_lib) / "modeling_salmonn" / CARD_TEMPLATE
+
+    def run(self):
+        super().run()
+        target = self._card_target()
+        if target is not None:
+            self.mkpath(str(target.parent))
+            self.copy_file(CARD_TEMPLATE, str(target))
+
+    def get_outputs(self, include_bytecode=True):
+        target = self._card_target()
+        return [*super().get_outputs(include_bytecode), *([str(target)] if target is not None else [])]
 
 setup(
     name="salmonn",
@@ -20,6 +47,7 @@ setup(
         "salmonn.inference": ["demo_model/*"],
     },
     include_package_data=True,
+    cmdclass={"build_py": BuildPyWithCardTemplate},
     install_requires=[
         "torch>=2.1",
         "transformers>=5.19,<6",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from salmonn.conversion.sources import refuse_raw_pickle
 from modeling_salmonn.configuration_salmonn import BeatsConfig
+from modeling_salmonn.feature_extraction_salmonn import why_missing
 from modeling_salmonn.modeling_beats import BeatsModel
 
 
@@ -61,8 +63,11 @@ _DROPPED_PREFIXES = ("predictor.",)
 
 
 def _load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"BEATs checkpoint {path} {why_missing(path)}")
     if not path.is_file():
         raise FileNotFoundError(f"BEATs checkpoint {path} does not exist or is not a file")
+    refuse_raw_pickle(path, "BEATs checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

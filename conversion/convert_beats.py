@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from salmonn.conversion.beats import load_original_beats
-from salmonn.conversion.io_utils import atomic_output_dir
+from salmonn.cli import setup_logging
+from salmonn.conversion.io_utils import atomic_output_dir, check_output_not_input
 from modeling_salmonn.modeling_beats import BEATS_NUM_MEL_BINS, BeatsModel
 
 
@@ -136,6 +137,7 @@ def convert_beats(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output = Path(output)
+    check_output_not_input(output, {"--beats": beats})
     if output.exists() and not overwrite:
         # Checked again when the folder is moved into place; failing here avoids reading a large checkpoint first.
         raise FileExistsError(f"Output folder {output} already exists; pass --overwrite to replace it")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert an original BEATs checkpoint into a folder that AutoModel loads with trust_remote_code.",
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     try:
         output = convert_beats(args.beats, args.output, overwrite=args.overwrite, dtype=args.dtype)
     except (ValueError, OSError, RuntimeError) as error:

@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, WhisperConfig
 
 from salmonn.conversion.beats import load_original_beats
-from salmonn.conversion.io_utils import ShardWriter, atomic_output_dir, parse_size
+from salmonn.conversion.io_utils import ShardWriter, atomic_output_dir, check_output_not_input, parse_size
 from salmonn.conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 from modeling_salmonn.modelcard_salmonn import AUTO_MAP, copy_remote_code, hub_id_of, license_for_llm, salmonn_model_card
 from modeling_salmonn.generation_salmonn import original_generation_config
 from modeling_salmonn.processing_salmonn import AUDIO_TOKEN, add_salmonn_tokens
+from salmonn.cli import setup_logging
 
 
 logger = logging.getLogger(__name__)
@@ -243,27 +244,31 @@ def build_config(
 
     text = text_config.to_dict()
     text.update(vocab_size=vocab_size, pad_token_id=pad_token_id)
-    config = SalmonnConfig(
-        whisper_config=whisper_config.to_dict(),
-        beats_config=beats_config.to_dict(),
-        qformer_config=dict(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=args.qformer_num_attention_heads,
-            intermediate_size=intermediate,
-        ),
-        text_config=text,
-        num_query_tokens=query.shape[1],
-        second_per_window=setting("second_per_window"),
-        second_stride=setting("second_stride"),
-        lora_rank=0 if args.merge_lora else rank,
-        lora_alpha=setting("lora_alpha"),
-        lora_dropout=setting("lora_dropout"),
-        lora_target_modules=targets,
-        audio_token_index=audio_token_index,
-        architectures=["SalmonnForConditionalGeneration"],
-        dtype=args.dtype,
-    )
+    settings = {name: setting(name) for name in ("second_per_window", "second_stride", "lora_alpha", "lora_dropout")}
+    try:
+        config = SalmonnConfig(
+            whisper_config=whisper_config.to_dict(),
+            beats_config=beats_config.to_dict(),
+            qformer_config=dict(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=args.qformer_num_attention_heads,
+                intermediate_size=intermediate,
+            ),
+            text_config=text,
+            num_query_tokens=query.shape[1],
+            lora_rank=0 if args.merge_lora else rank,
+            lora_target_modules=targets,
+            audio_token_index=audio_token_index,
+            architectures=["SalmonnForConditionalGeneration"],
+            dtype=args.dtype,
+            **settings,
+        )
+    except ValueError as err:  # window settings that make no window, a negative lora_alpha, ...
+        raise ValueError(
+            f"The window and LoRA settings (flags, else `config.model` of {ckpt}, else the release's defaults) do not "
+            f"make a valid SALMONN config: {err}"
+        ) from err
     return config, rank
 
 
@@ -437,8 +442,11 @@ def converted_model_card(config: SalmonnConfig, args: ConvertArguments):
 
 def convert_salmonn(args: ConvertArguments) -> Path | None:
     """Runs the conversion; returns the output folder (None for a dry run). Raises ValueError on bad input, leaving no output."""
-    if not args.dry_run and Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"Output folder {args.output} already exists; pass --overwrite to replace it")
+    if not args.dry_run:
+        inputs = {"--salmonn-checkpoint": args.salmonn_checkpoint, "--whisper": args.whisper, "--beats": args.beats, "--llm": args.llm}
+        check_output_not_input(args.output, inputs)
+        if Path(args.output).exists() and not args.overwrite:
+            raise FileExistsError(f"Output folder {args.output} already exists; pass --overwrite to replace it")
     max_bytes = parse_size(args.max_shard_size)
     state, checkpoint_config = load_salmonn_checkpoint(args.salmonn_checkpoint)
     mapped, leaked = map_salmonn_keys(args.salmonn_checkpoint, state)
@@ -525,7 +533,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
     try:
         output = convert_salmonn(args)

@@ -110,7 +110,37 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-__all__ = ["atomic_output_dir", "remove_stale_temporaries"]
+def check_output_not_input(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], flag: str = "--output") -> None:
+    """
+    Refuses an output folder that is, holds or lies inside one of `inputs` (a mapping of flag to path; Hub ids and
+    `None` are skipped): writing it, and above all replacing it with --overwrite, would destroy the command's own inputs.
+
+    Raises:
+        ValueError: naming the output, the input and its flag.
+    """
+    # realpath, unlike Path.resolve, leaves a symlink loop for the input's own reader to report.
+    output_path = Path(os.path.realpath(Path(output).expanduser()))
+    for name, source in inputs.items():
+        if source is None:
+            continue
+        source_path = Path(source).expanduser()
+        if not os.path.lexists(source_path):
+            continue  # a Hub id, or a missing file that its own reader reports
+        source_path = Path(os.path.realpath(source_path))
+        if source_path == output_path or output_path in source_path.parents:
+            relation = "is" if source_path == output_path else "holds"
+            raise ValueError(
+                f"{flag} {output} {relation} the input {name} {source}: the output folder must not be or hold an "
+                "input (it is replaced as a whole); choose another output folder"
+            )
+        if source_path in output_path.parents:
+            raise ValueError(
+                f"{flag} {output} lies inside the input {name} {source}: the output folder must be outside every "
+                "input; choose another output folder"
+            )
+
+
+__all__ = ["atomic_output_dir", "check_output_not_input", "remove_stale_temporaries"]
 
 
 def parse_size(text: str) -> int:

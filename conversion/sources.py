@@ -13,14 +13,19 @@ from pathlib import Path
 
 import torch
 
+from modeling_salmonn.feature_extraction_salmonn import why_missing
+
 
 logger = logging.getLogger(__name__)
 
 
 def load_torch_file(path: Path, what: str) -> object:
     """`torch.load` with `weights_only=True`; every failure becomes a `ValueError` that names the file."""
+    if not path.exists():
+        raise ValueError(f"{what} {path} {why_missing(path)}")
     if not path.is_file():
         raise ValueError(f"{what} {path}: no such file")
+    refuse_raw_pickle(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
@@ -39,6 +44,24 @@ def load_torch_file(path: Path, what: str) -> object:
 
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
+
+
+# torch.save's legacy (non-zip) format starts with a pickled magic number; any other pickle stream is a plain pickle.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def refuse_raw_pickle(path: Path, what: str) -> None:
+    """
+    Names a pickle stream (PROTO opcode 0x80 and protocol 2-5) that is neither a zip nor torch's legacy format for
+    what it is before `torch.load` reads it (which would call it "not a pickle" or "needs code execution").
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_TORCH_MAGIC))
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head != _LEGACY_TORCH_MAGIC and not _is_zip(path):
+        raise ValueError(
+            f"{what} {path} is a raw Python pickle (as pickle.dump writes), not a torch.save checkpoint: only "
+            "torch.save zip checkpoints are read, with torch.load(weights_only=True)"
+        )
 
 
 def load_salmonn_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -138,4 +161,4 @@ def iter_tensors(path: Path, what: str, keep: re.Pattern | None = None) -> Itera
             yield key, value
 
 
-__all__ = ["iter_tensors", "load_salmonn_checkpoint", "load_torch_file", "read_json", "resolve_folder", "weight_files"]
+__all__ = ["iter_tensors", "load_salmonn_checkpoint", "load_torch_file", "read_json", "refuse_raw_pickle", "resolve_folder", "weight_files"]

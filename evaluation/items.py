@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 
 from salmonn.inference.options import DatasetArguments
+from salmonn.jsonl import split_jsonl
 
 from .tasks import TaskSpec, task_matches
 
@@ -19,31 +21,30 @@ AUDIO_MARKER = "<Speech><SpeechHere></Speech>"
 
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
-        raise ValueError(f"--data {path}: file not found")
+        raise ValueError(f"--test_file {path}: file not found")
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8-sig")
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"--data {path}: line {n} is not JSON ({err})") from err
+        for n, line in split_jsonl(text):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--test_file {path}: line {n} is not JSON ({err})") from err
         return rows
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--data {path}: not JSON ({err})") from err
+            raise ValueError(f"--test_file {path}: not JSON ({err})") from err
         if isinstance(data, dict) and isinstance(data.get("annotation"), list):
             return data["annotation"]
         if isinstance(data, list):
             return data
-        raise ValueError(f"--data {path}: expected a list of items or {{'annotation': [...]}}")
+        raise ValueError(f"--test_file {path}: expected a list of items or {{'annotation': [...]}}")
     if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(f"--data {path}: unknown manifest type {suffix!r}; use .jsonl, .json, .csv or .tsv")
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+    raise ValueError(f"--test_file {path}: unknown manifest type {suffix!r}; use .jsonl, .json, .csv or .tsv")
 
 
 def _resolve(base: Path, audio: str) -> str:
@@ -63,22 +64,24 @@ def load_manifest(path: str | Path, spec: TaskSpec) -> list[dict]:
     skipped = 0
     for n, row in enumerate(_read_rows(path)):
         if not isinstance(row, dict):
-            raise ValueError(f"--data {path}: item {n} is not an object")
+            raise ValueError(f"--test_file {path}: item {n} is not an object")
         if not task_matches(spec, row.get("task") or None):
             skipped += 1
             continue
         audio = row.get("audio") or row.get("path")
         if not audio or not isinstance(audio, str):
-            raise ValueError(f"--data {path}: item {n} has no 'audio' (or 'path') file name")
-        reference = row["reference"] if "reference" in row else row.get("text")
+            raise ValueError(f"--test_file {path}: item {n} has no 'audio' (or 'path') file name")
+        reference = row["text"] if "text" in row else row.get("reference")  # `reference`: the older name
         if spec.needs_reference and reference in (None, "", []):
-            raise ValueError(f"--data {path}: item {n} ({audio}) has no 'reference' (or 'text')")
+            raise ValueError(f"--test_file {path}: item {n} ({audio}) has no 'text' (or 'reference')")
         expand = row.get("expand_wav") or []
         if isinstance(expand, str):
             expand = [expand]
+        if row.get("prompt") is not None and not isinstance(row["prompt"], str):
+            raise ValueError(f"--test_file {path}: item {n} ({audio}): 'prompt' must be a string, got {row['prompt']!r}")
         q = row.get("Q") or ""
         if spec.needs_question and not q:
-            raise ValueError(f"--data {path}: item {n} ({audio}) needs a question 'Q' for task {spec.name!r}")
+            raise ValueError(f"--test_file {path}: item {n} ({audio}) needs a question 'Q' for task {spec.name!r}")
         items.append(
             {
                 "id": str(row["id"]) if row.get("id") not in (None, "") else None,
@@ -89,12 +92,13 @@ def load_manifest(path: str | Path, spec: TaskSpec) -> list[dict]:
                 "Q": q,
                 "transcript": row.get("transcript"),
                 "task": row.get("task") or None,
+                "prompt": row.get("prompt") or None,
             }
         )
     if skipped:
         logger.info("skipped %d items of other tasks in %s", skipped, path)
     if not items:
-        raise ValueError(f"--data {path}: no items for task {spec.name!r}")
+        raise ValueError(f"--test_file {path}: no items for task {spec.name!r}")
     if spec.multi_reference:
         items = _merge_references(items)
     return _assign_ids(items, path)
@@ -109,16 +113,16 @@ def load_dataset_items(data_args: DatasetArguments, spec: TaskSpec):
     rows = data_args.load()
     n = len(rows)
     texts, tasks, questions = (rows.column(key) or [None] * n for key in ("text", "task", "Q"))
-    where = f"--dataset_name {data_args.dataset_name} (split {data_args.split!r})"
+    where = f"--dataset_name {data_args.dataset_name} (split {data_args.eval_split_name!r})"
     items = []
     for i in range(n):
         if not task_matches(spec, tasks[i] or None):
             continue
         if spec.needs_reference and texts[i] in (None, "", []):
-            raise ValueError(f"{where}: row {i} has no reference in column {data_args.text_column!r} (see --text_column)")
+            raise ValueError(f"{where}: row {i} has no reference in column {data_args.text_column_name!r} (see --text_column_name)")
         if spec.needs_question and not questions[i]:
             raise ValueError(f"{where}: row {i} needs a question 'Q' for task {spec.name!r}")
-        name = f"{data_args.dataset_name}[{data_args.split}]:{i}"
+        name = f"{data_args.dataset_name}[{data_args.eval_split_name}]:{i}"
         items.append(
             {"id": None, "audio": name, "audio_name": name, "expand_wav": [], "reference": texts[i], "Q": questions[i] or "",
              "transcript": None, "task": tasks[i] or None, "_row": i}
@@ -145,7 +149,7 @@ def _assign_ids(items: list[dict], path: Path) -> list[dict]:
     explicit = [i["id"] for i in items if i["id"] is not None]
     if len(explicit) != len(set(explicit)):
         dup = next(x for x in explicit if explicit.count(x) > 1)
-        raise ValueError(f"{path if isinstance(path, str) else f'--data {path}'}: id {dup!r} occurs more than once")
+        raise ValueError(f"{path if isinstance(path, str) else f'--test_file {path}'}: id {dup!r} occurs more than once")
     used = set(explicit)
     counts: dict[str, int] = {}
     for item in items:
@@ -184,13 +188,16 @@ def build_prompt(
     prompt_override: str | None = None,
     prompt_file_name: str = "--prompt_file",
 ) -> str:
-    """The instruction for one item: override, else the prompt file's entry (the item's own `task` key first,
-    then the task's original keys), else this project's prompt; `{}` is filled with the item's `Q`.
+    """The instruction for one item: override, else the item's own `prompt`, else the prompt file's entry (the
+    item's own `task` key first, then the task's original keys), else this project's prompt; `{}` is filled with
+    the item's `Q`.
 
     A leading `<Speech><SpeechHere></Speech>` (the original files carry it) is removed: the chat template adds it.
     """
     if prompt_override is not None:
         template = prompt_override
+    elif item.get("prompt"):
+        template = item["prompt"]
     elif prompt_file is not None:
         keys = [k for k in (item.get("task"), spec.name, *spec.original_keys) if k]
         found = next((k for k in keys if k in prompt_file), None)

@@ -47,6 +47,27 @@ def read_predictions(path: str | Path, repair_tail: bool = False) -> list[dict]:
     return records
 
 
+def check_record_fields(spec: TaskSpec, records: list[dict]) -> None:
+    """
+    The text fields scoring reads, checked with the item named: a `hypothesis` is a string (or null for a failed
+    item), a `reference` a string or a list of strings (speaker verification also takes true/false or 1/0).
+    """
+    for record in records:
+        hypothesis, reference = record.get("hypothesis"), record.get("reference")
+        if hypothesis is not None and not isinstance(hypothesis, str):
+            raise ValueError(
+                f"item {record.get('id')!r}: 'hypothesis' must be a string (or null for a failed item), got "
+                f"{type(hypothesis).__name__} {hypothesis!r}"
+            )
+        texts = reference if isinstance(reference, list) else [reference]
+        allowed = (str, bool, int) if spec.kind == "verification" else (str,)
+        if reference is not None and not all(isinstance(text, allowed) for text in texts):
+            raise ValueError(
+                f"item {record.get('id')!r}: 'reference' must be a string or a list of strings, got "
+                f"{type(reference).__name__} {reference!r}"
+            )
+
+
 def latest_by_id(records: list[dict]) -> dict[str, dict]:
     return {str(r["id"]): r for r in records}
 
@@ -94,6 +115,7 @@ def evaluate_records(
     settings: dict | None = None,
 ) -> dict[str, Any]:
     """results.json content for prediction records (failed items, without a hypothesis, are left out)."""
+    check_record_fields(spec, records)
     scored = [r for r in records if r.get("hypothesis") is not None]
     failed = [str(r.get("id")) for r in records if r.get("hypothesis") is None]
     if not scored:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
+from salmonn.cli import setup_logging
+
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ class DemoArguments:
     max_new_tokens: int = field(default=30, metadata={"help": "Longest answer in tokens."})
     num_beams: int = field(default=1, metadata={"help": "Beam width (the release's default is 4)."})
     save_dir: str | None = field(
-        default=None, metadata={"help": "Where the tiny model's Hub-style folder is written. Default: a temporary folder."}
+        default=None,
+        metadata={"help": "Where the tiny model's Hub-style folder is written and kept. Default: a temporary folder, removed at the end."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random tiny model (used when no trained demo model ships)."})
 
@@ -67,7 +70,7 @@ def build_demo_folder(save_dir: Path, seed: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
 
     from transformers import AutoModel, AutoProcessor
@@ -81,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.save_dir) if args.save_dir else Path(tmp) / "salmonn-tiny"
             trained = build_demo_folder(folder, args.seed)
             model_path = str(folder)
-            logger.info("Saved the built-in tiny SALMONN as a Hub-style folder: %s", folder)
+            if args.save_dir:
+                logger.info("Saved the built-in tiny SALMONN as a Hub-style folder: %s", folder)
+            else:
+                logger.info(
+                    "Saved the built-in tiny SALMONN as a Hub-style folder in a temporary place, removed at the end; "
+                    "pass --save_dir DIR to keep it"
+                )
 
         model = AutoModel.from_pretrained(model_path, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)

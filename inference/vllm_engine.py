@@ -42,8 +42,8 @@ def load_llm_and_processor(args, generation_kwargs: dict):
     generation_kwargs = dict(generation_kwargs)
     generation_kwargs.setdefault("num_beams", 1)  # vLLM has no beam search for audio prompts: greedy by default
     sampling_params = sampling_params_from(generation_kwargs, seed=getattr(args, "seed", 0))
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    llm = load_llm(args.model, dtype=args.dtype, lora_scaling=args.lora_scaling)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
+    llm = load_llm(args.model_name_or_path, dtype=args.dtype, lora_scaling=args.lora_scaling)
     return llm, processor, sampling_params
 
 

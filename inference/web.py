@@ -21,6 +21,9 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from salmonn.audio import TARGET_SAMPLING_RATE, read_upload
+from salmonn.cli import setup_logging
+
 from .engine import DTYPES, StreamUpdate, check_lora_scaling, load_model_and_processor, lora_scaled, stream_generate
 
 
@@ -139,7 +142,8 @@ def stream_answer(
     seed: int | None = None,
 ) -> Iterator[StreamUpdate]:
     """
-    Answers `question` about `audio` (a file path) after `history`, yielding the answer as it grows (see
+    Answers `question` about `audio` (a file path, decoded in bounded blocks: an upload's few megabytes can hold
+    hours of many-channel audio) after `history`, yielding the answer as it grows (see
     `engine.stream_generate`; beam search cannot stream, then the answer comes whole). `lora_scaling` applies to
     this answer only. Bad input (empty question, unreadable audio, bad settings) raises `ValueError` here, before
     anything is generated.
@@ -149,7 +153,8 @@ def stream_answer(
     check_lora_scaling(lora_scaling)
     conversation = build_conversation(history, question, with_audio=audio is not None)
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=prompt, audio=audio).to(model.device)
+    waveform = None if audio is None else read_upload(processor.feature_extractor, audio, "audio[0]")
+    inputs = processor(text=prompt, audio=waveform, sampling_rate=TARGET_SAMPLING_RATE).to(model.device)
     return _one_at_a_time(model, processor, inputs, generation_kwargs, lora_scaling, seed)
 
 
@@ -331,7 +336,7 @@ def build_demo(model, processor, model_name: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = HfArgumentParser(WebArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 
 
@@ -218,16 +220,44 @@ class SalmonnConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.whisper_config.d_model + self.beats_config.encoder_embed_dim
         self.qformer_config.cross_attention_frequency = 1
         self.qformer_config.use_qformer_text_input = False
-        if self.second_per_window <= 0 or self.second_stride <= 0:
-            raise ValueError(
-                f"`second_per_window` and `second_stride` must be positive, got {self.second_per_window} and "
-                f"{self.second_stride}"
-            )
+        self._check_numbers()
+        # The window settings are rounded to Whisper frames: below half a frame they give no window at all.
+        frame = 30.0 / self.whisper_config.max_source_positions
+        for key, frames in (("second_per_window", self.window_kernel), ("second_stride", self.window_stride)):
+            if frames < 1:
+                raise ValueError(
+                    f"`{key}`={getattr(self, key)} is {frames} Whisper frames of {frame:g} s; it must be at least "
+                    f"half a frame ({frame / 2:g} s) so that every window has a length and a hop"
+                )
         if self.window_kernel > self.whisper_config.max_source_positions:
             raise ValueError(
                 f"`second_per_window`={self.second_per_window} gives a window of {self.window_kernel} frames, longer "
                 f"than the {self.whisper_config.max_source_positions} Whisper frames of a 30 s segment"
             )
+
+    def _check_numbers(self) -> None:
+        """Values that are read as numbers must be numbers in range: a string or a negative value fails late otherwise."""
+        limits = {
+            # key: (integer only, smallest allowed, whether the smallest is allowed)
+            "second_per_window": (False, 0, False),
+            "second_stride": (False, 0, False),
+            "num_query_tokens": (True, 1, True),
+            "lora_rank": (True, 0, True),
+            "lora_alpha": (False, 0, True),
+            "lora_dropout": (False, 0, True),
+            "ln_eps": (False, 0, False),
+        }
+        for key, (integer, smallest, inclusive) in limits.items():
+            value = getattr(self, key)
+            kinds = int if integer else (int, float)
+            in_range = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+            in_range = in_range and (value >= smallest if inclusive else value > smallest)
+            if not in_range:
+                kind = "an integer" if integer else "a finite number"
+                bound = f">= {smallest}" if inclusive else f"> {smallest}"
+                raise ValueError(f"`{key}` must be {kind} {bound}, got {value!r}")
+        if self.lora_dropout >= 1:
+            raise ValueError(f"`lora_dropout` must be a probability below 1, got {self.lora_dropout!r}")
 
     def _build_sub_configs(self) -> None:
         """transformers < 5.24 only: what its `sub_configs_defaults` handling does (dict or None -> config)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +35,33 @@ EXTRACT_CHUNK = 8
 # Float audio is expected in [-1, 1]; far larger samples are a wrong scale or garbage, and from about 1e16 the
 # float32 Whisper power spectrum overflows into NaN features and an empty answer.
 MAX_ABS_AMPLITUDE = 1e6
+# Audio files are decoded this many frames at a time (x channels x 8 bytes: 4 MiB for 8 channels).
+DECODE_BLOCK_FRAMES = 65536
+# Header values beyond any real recording (libsndfile itself accepts rates up to 655350 and 1024 channels), and the
+# most samples (frames x channels) one file may make the reader decode: 10 min of 8 channels at 384 kHz.
+MAX_SAMPLING_RATE = 384000
+MAX_CHANNELS = 64
+MAX_DECODED_SAMPLES = 600 * 8 * MAX_SAMPLING_RATE
+# Formats whose header gives the exact length (MP3's and Ogg's can be estimates): fewer frames than announced is a cut.
+_EXACT_LENGTH_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC")
+# libsndfile's note on a WAV whose data chunk claims more bytes than the file holds: "data : 264600 (should be 132278)".
+_CUT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Data sizes that writers of streams put in a header they cannot go back to (length unknown): not a cut file.
+_UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+
+
+# The only settings Whisper's encoder (1500 positions = 3000 frames of 30 s) and BEATs (16 x 16 patches of a 128-bin
+# fbank) accept.
+WHISPER_SAMPLING_RATE = 16000
+WHISPER_HOP_LENGTH = 160
+WHISPER_CHUNK_LENGTH = 30
+WHISPER_N_FFT = 400
+WHISPER_MEL_BINS = (80, 128)  # large-v2 and earlier; large-v3
+BEATS_MEL_BINS = 128
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,11 +120,23 @@ def kaldi_num_frames(num_samples: int) -> int:
     return 1 + (num_samples - KALDI_FRAME_LENGTH) // KALDI_FRAME_SHIFT
 
 
+def why_missing(path: str | os.PathLike) -> str:
+    """Why `os.path.exists(path)` is false: a symlink loop and a broken symlink are not "does not exist"."""
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "is a symlink loop (it resolves to itself)"
+        return f"is a broken symlink (to {os.readlink(path)!r}, which does not exist)"
+    return "does not exist"
+
+
 def check_audio_path(path: str | os.PathLike, name: str) -> None:
     """Says why `path` cannot be an audio file (missing, a folder, a device, empty), naming the audio."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"{name}: audio file {path!r} does not exist")
+        raise ValueError(f"{name}: audio file {path!r} {why_missing(path)}")
     if os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is a folder, not an audio file")
     if not os.path.isfile(path):
@@ -104,24 +145,96 @@ def check_audio_path(path: str | os.PathLike, name: str) -> None:
         raise ValueError(f"{name}: audio file {path!r} is empty (0 bytes)")
 
 
+def _check_header(sound, label: str, name: str) -> None:
+    """Refuses what no block size can bound: absurd rates or channel counts, and a WAV whose data chunk is cut short."""
+    if not 0 < sound.samplerate <= MAX_SAMPLING_RATE:
+        raise ValueError(
+            f"{name}: audio file {label!r} declares a sampling rate of {sound.samplerate} Hz; expected 1 to "
+            f"{MAX_SAMPLING_RATE} Hz"
+        )
+    if not 0 < sound.channels <= MAX_CHANNELS:
+        raise ValueError(f"{name}: audio file {label!r} declares {sound.channels} channels; expected 1 to {MAX_CHANNELS}")
+    cut = _CUT_DATA_CHUNK.search(sound.extra_info or "")
+    if cut is not None:
+        declared, present = int(cut.group(1)), int(cut.group(2))
+        if declared not in _UNKNOWN_DATA_SIZES and declared > present:
+            raise ValueError(
+                f"{name}: audio file {label!r} is cut short: its header announces {declared} bytes of audio but the "
+                f"file holds {present}; it is not answered from the part that is there (copy or download it again)"
+            )
+
+
+def _frames_to_decode(sound, label: str, name: str, first_seconds: float | None, check_duration) -> int:
+    """The frames the header allows decoding (all, or the first `first_seconds`), checked before any is decoded."""
+    _check_header(sound, label, name)
+    if check_duration is not None:
+        check_duration(sound.frames / sound.samplerate, f"{name} ({label!r})")
+    frames = sound.frames
+    if first_seconds is not None:
+        frames = min(frames, int(math.ceil(first_seconds * sound.samplerate)))
+    if frames * sound.channels > MAX_DECODED_SAMPLES:
+        raise ValueError(
+            f"{name}: audio file {label!r} would decode to {frames * sound.channels} samples ({frames} frames x "
+            f"{sound.channels} channels at {sound.samplerate} Hz); the limit is {MAX_DECODED_SAMPLES} (10 min of "
+            "8 channels at 384 kHz): convert it to mono 16 kHz first"
+        )
+    return frames
+
+
+def _channel_0_blocks(sound, frames: int):
+    """Channel 0 of the next `frames` frames (fewer where the file ends first), `DECODE_BLOCK_FRAMES` at a time."""
+    for start in range(0, frames, DECODE_BLOCK_FRAMES):
+        block = sound.read(min(DECODE_BLOCK_FRAMES, frames - start), dtype="float64", always_2d=True)
+        if len(block) == 0:
+            return
+        yield np.ascontiguousarray(block[:, 0])
+
+
+def _decode_channel_0(sound, frames: int, stream) -> tuple[np.ndarray, int]:
+    """
+    Channel 0 of `frames` frames, resampled by `stream` (a soxr "HQ" `ResampleStream`, which gives exactly the
+    samples of `soxr.resample` on the whole signal) or at the file's rate (`None`), and the frames actually decoded.
+    At the file's rate the result is filled in place, so the peak memory is the result plus one block either way.
+    """
+    decoded = 0
+    if stream is None:
+        audio = np.empty(frames, dtype=np.float64)
+        for block in _channel_0_blocks(sound, frames):
+            audio[decoded : decoded + len(block)] = block
+            decoded += len(block)
+        return audio[:decoded], decoded
+    pieces = []
+    for block in _channel_0_blocks(sound, frames):
+        pieces.append(stream.resample_chunk(block))
+        decoded += len(block)
+    pieces.append(stream.resample_chunk(np.zeros(0, dtype=np.float64), last=True))
+    return np.concatenate(pieces), decoded
+
+
 def decode_audio_file(
     source: str | os.PathLike | bytes,
     name: str = "audio",
     first_seconds: float | None = None,
     check_duration=None,
+    sampling_rate: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """
-    The package's one audio-file reader (soundfile; float64, all channels, at the file's rate). The length in the
-    header is checked (`check_duration(seconds, name)`) before anything is decoded, and with `first_seconds` only
-    that much is read, so a long file never fills the memory. `source` is a path or the encoded bytes of a file.
+    The package's one audio-file reader (soundfile): channel 0 (as the original SALMONN reads files) as float64,
+    resampled to `sampling_rate` (soxr "HQ") or at the file's own rate (`None`), and that rate. A compressed file can
+    hold hours of many-channel audio at a high rate in a few megabytes, so the header is checked before anything is
+    decoded (a sane rate and channel count, a WAV data chunk not cut short, `check_duration(seconds, name)` on its
+    length, at most `MAX_DECODED_SAMPLES` frames x channels) and the file is decoded in blocks: memory follows the
+    result, not rate x channels x duration. With `first_seconds` only that much is read. `source` is a path or the
+    encoded bytes of a file; every problem is a `ValueError` naming `name` and the file.
     """
     import soundfile
+    import soxr
 
     if isinstance(source, bytes):
-        label, opened = "<bytes>", lambda: io.BytesIO(source)
+        label, opened = "<bytes>", io.BytesIO(source)
     else:
         check_audio_path(source, name)
-        label, opened = os.fspath(source), lambda: os.fspath(source)
+        label, opened = os.fspath(source), os.fspath(source)
 
     def undecodable(err: Exception) -> ValueError:  # soundfile raises its own error types for corrupt files
         return ValueError(
@@ -130,19 +243,63 @@ def decode_audio_file(
         )
 
     try:
-        info = soundfile.info(opened())
+        sound = soundfile.SoundFile(opened)
     except Exception as err:
         raise undecodable(err) from err
-    if check_duration is not None and info.samplerate > 0:
-        check_duration(info.frames / info.samplerate, f"{name} ({label!r})")
-    frames = -1 if first_seconds is None else int(math.ceil(first_seconds * info.samplerate))
-    try:
-        data, rate = soundfile.read(opened(), frames=frames, dtype="float64", always_2d=False)
-    except Exception as err:
-        raise undecodable(err) from err
-    if data.size == 0:
+    with sound:
+        frames = _frames_to_decode(sound, label, name, first_seconds, check_duration)
+        rate = sound.samplerate if sampling_rate is None else sampling_rate
+        stream = None
+        if rate != sound.samplerate:
+            stream = soxr.ResampleStream(sound.samplerate, rate, 1, dtype="float64", quality="HQ")
+        try:
+            audio, decoded = _decode_channel_0(sound, frames, stream)
+        except Exception as err:
+            raise undecodable(err) from err
+        exact_length = sound.format in _EXACT_LENGTH_FORMATS
+    if decoded < frames and exact_length:
+        raise ValueError(
+            f"{name}: audio file {label!r} is cut short: its header announces {frames} frames but only {decoded} could "
+            "be decoded; it is not answered from the part that is there (copy or download it again)"
+        )
+    if decoded == 0:
         raise ValueError(f"{name}: audio file {label!r} holds no samples")
-    return data, int(rate)
+    return audio, rate
+
+
+def check_audio_inputs(
+    input_features: torch.Tensor, input_values: torch.Tensor, input_values_mask: torch.Tensor | None, num_mel_bins: int
+) -> None:
+    """
+    What the encoders cannot check themselves, once per prompt: tensors with data (not on the meta device), the mel
+    bins this model reads, finite values (a NaN would give an empty answer without a word) and a real frame in every
+    segment. Errors name the input and what is expected.
+    """
+    inputs = {"input_features": input_features, "input_values": input_values, "input_values_mask": input_values_mask}
+    for key, tensor in inputs.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise ValueError(f"input `{key}` is on the meta device (a tensor without data); pass the processor's output")
+    for key, tensor, bins, setting in (
+        ("input_features", input_features, num_mel_bins, "feature_size"),
+        ("input_values", input_values, BEATS_MEL_BINS, "beats_num_mel_bins"),
+    ):
+        axis = 1 if key == "input_features" else -1
+        if tensor.ndim != 3 or tensor.shape[axis] != bins:
+            raise ValueError(
+                f"`{key}` has shape {tuple(tensor.shape)}, but this model reads {bins} mel bins per frame: the processor's "
+                f"`{setting}` must be {bins}"
+            )
+        finite = torch.isfinite(tensor).flatten(1).all(-1)
+        if not bool(finite.all()):
+            rows = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(f"`{key}` holds NaN or inf values in segment row(s) {rows[:10]}; the features must be finite")
+    if input_values_mask is not None:
+        empty = torch.nonzero(input_values_mask.sum(-1) == 0).flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"`input_values_mask` row {empty[0]} marks no audio frame (rows without audio: {empty[:10]}); every "
+                "segment needs at least one real frame, as the processor marks them"
+            )
 
 
 class SalmonnFeatureExtractor(SequenceFeatureExtractor):
@@ -196,9 +353,33 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         super().__init__(
             feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
         )
+        name = self.__class__.__name__
         for key, value in (("sampling_rate", sampling_rate), ("hop_length", hop_length), ("chunk_length", chunk_length), ("n_fft", n_fft)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{self.__class__.__name__}: `{key}` must be a positive integer, got {value!r}")
+                raise ValueError(f"{name}: `{key}` must be a positive integer, got {value!r}")
+        # Whisper's encoder reads exactly 3000 frames of 30 s (its 1500 positions) and BEATs' patches tile 128 mel bins
+        # of a 16 kHz fbank: another value fails deep inside an encoder, or first allocates segments of any length.
+        for key, value, expected in (
+            ("sampling_rate", sampling_rate, (WHISPER_SAMPLING_RATE,)),
+            ("hop_length", hop_length, (WHISPER_HOP_LENGTH,)),
+            ("chunk_length", chunk_length, (WHISPER_CHUNK_LENGTH,)),
+            ("n_fft", n_fft, (WHISPER_N_FFT,)),
+            ("feature_size", feature_size, WHISPER_MEL_BINS),
+            ("beats_num_mel_bins", beats_num_mel_bins, (BEATS_MEL_BINS,)),
+        ):
+            if value not in expected:
+                want = " or ".join(str(v) for v in expected)
+                raise ValueError(f"{name}: `{key}` must be {want} (what Whisper and BEATs read), got {value!r}")
+        for key, value in (("fbank_mean", fbank_mean), ("fbank_std", fbank_std)):
+            if not _is_finite_number(value) or (key == "fbank_std" and value <= 0):
+                kind = "a positive finite number" if key == "fbank_std" else "a finite number"
+                raise ValueError(f"{name}: `{key}` must be {kind} (BEATs fbank normalisation), got {value!r}")
+        if not _is_finite_number(min_seconds) or not 0 <= min_seconds <= chunk_length:
+            raise ValueError(f"{name}: `min_seconds` must be a number of seconds from 0 to {chunk_length}, got {min_seconds!r}")
+        if max_audio_seconds is not None and (not _is_finite_number(max_audio_seconds) or max_audio_seconds <= 0):
+            raise ValueError(
+                f"{name}: `max_audio_seconds` must be a positive number of seconds or null (no limit), got {max_audio_seconds!r}"
+            )
         self.hop_length = hop_length
         self.chunk_length = chunk_length
         self.n_fft = n_fft
@@ -303,14 +484,18 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
             ) from err
         return np.asarray(soxr.resample(audio, sampling_rate, self.sampling_rate, quality="HQ"), dtype=np.float64)
 
-    def read_audio_file(self, source: str | os.PathLike | bytes, name: str = "audio", truncation: bool = False):
+    def read_audio_file(
+        self, source: str | os.PathLike | bytes, name: str = "audio", truncation: bool = False
+    ) -> tuple[np.ndarray, int]:
         """
-        Decodes an audio file (see `decode_audio_file`): its header's length is checked against
-        `max_audio_seconds` first, and with `truncation` only the first 30 s (plus the resampling margin) are read.
+        An audio file as channel 0 at `sampling_rate` and that rate (see `decode_audio_file`, which decodes and
+        resamples it in blocks): its header's length is checked against `max_audio_seconds` first, and with
+        `truncation` only the first 30 s (plus the resampling margin) are read. The samples are those that
+        `prepare_audio` makes of the whole decoded file.
         """
         if truncation:
-            return decode_audio_file(source, name, first_seconds=self.chunk_length + 1)
-        return decode_audio_file(source, name, check_duration=self.check_duration)
+            return decode_audio_file(source, name, first_seconds=self.chunk_length + 1, sampling_rate=self.sampling_rate)
+        return decode_audio_file(source, name, check_duration=self.check_duration, sampling_rate=self.sampling_rate)
 
     def prepare_audio(
         self,
@@ -496,4 +681,4 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         return self.extract(segments, return_tensors=return_tensors, device=device)
 
 
-__all__ = ["SalmonnFeatureExtractor", "check_audio_path", "decode_audio_file"]
+__all__ = ["SalmonnFeatureExtractor", "check_audio_inputs", "check_audio_path", "decode_audio_file", "why_missing"]

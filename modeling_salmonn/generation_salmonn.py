@@ -16,6 +16,8 @@ logger = logging.get_logger(__name__)
 
 # Inputs that hold one row per 30 s audio segment rather than one row per prompt.
 AUDIO_INPUT_NAMES = ("input_features", "input_values", "input_values_mask")
+# More beams than any decode uses (the original's is 4); 200000 beams would first allocate GBs of cache.
+MAX_BEAMS = 256
 
 
 def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
@@ -46,6 +48,26 @@ class SalmonnGenerationMixin(GenerationMixin):
                 f"`streamer` works only with num_beams=1, but this generation uses num_beams={num_beams} (SALMONN's "
                 "default decode is the original 4-beam search): call generate(..., streamer=streamer, num_beams=1)"
             )
+
+    def _check_prompt_inputs(self, input_ids: torch.Tensor | None, kwargs: dict) -> None:
+        """Once per call, before anything is allocated: inputs with data, a real token in every row, a bounded beam."""
+        for name, value in {"input_ids": input_ids, **kwargs}.items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise ValueError(f"input `{name}` is on the meta device (a tensor without data); pass real tensors")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            empty = torch.nonzero(attention_mask.sum(-1) == 0).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"`attention_mask` row {empty[0]} marks no token (rows: {empty[:10]}); every prompt needs at least one"
+                )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        for key in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(key, getattr(generation_config, key))
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BEAMS):
+                raise ValueError(
+                    f"`{key}` must be an integer from 1 to {MAX_BEAMS} (each beam holds its own cache), got {value!r}"
+                )
 
     def _fit_context(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
         """
@@ -83,6 +105,7 @@ class SalmonnGenerationMixin(GenerationMixin):
         """
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # `GenerationMixin.generate`'s name for the first argument
+        self._check_prompt_inputs(input_ids, kwargs)
         self._check_streamer(kwargs)
         self._fit_context(input_ids if input_ids is not None else kwargs.get("inputs_embeds"), kwargs)
         audio = {name: kwargs.pop(name, None) for name in AUDIO_INPUT_NAMES}

@@ -15,8 +15,12 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
+from transformers.utils import logging
 
 from .configuration_salmonn import SALMONN_ADAPTER_MODULES
+
+
+logger = logging.get_logger(__name__)
 
 
 # SALMONN injects its LoRA into the language model under peft's default adapter name.
@@ -101,6 +105,18 @@ class SalmonnPeftConfigs(dict):
         for name, config in dict(other, **kwargs).items():
             self[name] = config
 
+    def keys(self) -> list[str]:
+        """
+        The adapters peft saves, lists and deletes. SALMONN's LoRA belongs to the base model (it is saved with it):
+        beside a user's adapter it is not one of them, so `PeftModel.save_pretrained` writes the user's adapter only
+        and a reload never applies SALMONN's LoRA a second time.
+        """
+        names = list(super().keys())
+        users = [name for name in names if name != SALMONN_ADAPTER_NAME]
+        if users and SALMONN_ADAPTER_NAME in names and _salmonn_lora_layers(self._model_ref[0]):
+            return users
+        return names
+
     def after_injection(self) -> None:
         """Restores SALMONN's LoRA values, and keeps it active (and frozen) beside a newly added adapter."""
         model = self._model_ref[0]
@@ -123,6 +139,25 @@ class SalmonnPeftConfigs(dict):
             if f".{added}." not in name and not name.endswith(f".{added}"):
                 param.requires_grad_(False)
         self._added = None
+        if not getattr(self.get(added), "inference_mode", True):  # a new adapter to train, not one being loaded
+            _warn_about_audio_encoder_layers(model, added)
+
+
+def _warn_about_audio_encoder_layers(model, adapter_name: str) -> None:
+    """Names the layers outside the language model that an adapter wraps: plain `["q_proj", "v_proj"]` targets
+    Whisper's and BEATs' attention as well."""
+    outside = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A and not name.startswith("model.language_model.")
+    ]
+    if outside:
+        encoders = sorted({name.split(".")[1] for name in outside})
+        logger.warning(
+            f"The adapter {adapter_name!r} wraps {len(outside)} layers outside the language model (in "
+            f"{', '.join(encoders)}, e.g. {outside[0]}). To adapt the language model only, target it with a regex: "
+            r"target_modules=r'model\.language_model\..*\.(q_proj|v_proj)'"
+        )
 
 
 def adapter_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

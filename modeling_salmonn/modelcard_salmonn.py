@@ -5,11 +5,18 @@ SALMONN folders on the Hub: the files that make a folder loadable with remote co
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from string import Template
+
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # The flat module files that make a saved folder loadable with `trust_remote_code=True`.
@@ -41,19 +48,55 @@ LLAMA1_TERMS = {
 }
 LLAMA2_TERMS = {"license": "llama2"}
 LICENSE_FIELDS = ("license", "license_name", "license_link")
-CARD_TAGS = ["salmonn", "audio", "speech", "audio-language-model", "custom_code"]
 # `models--org--name` folders of the Hugging Face cache name the repo a file was downloaded from.
 _CACHE_REPO = re.compile(r"models--([^/\\]+?)--([^/\\]+)")
 
-CITATION = """```bibtex
-@inproceedings{tang2024salmonn,
-  title     = {{SALMONN}: Towards Generic Hearing Abilities for Large Language Models},
-  author    = {Changli Tang and Wenyi Yu and Guangzhi Sun and Xianzhao Chen and Tian Tan and Wei Li and Lu Lu and Zejun Ma and Chao Zhang},
-  booktitle = {The Twelfth International Conference on Learning Representations},
-  year      = {2024},
-  url       = {https://openreview.net/forum?id=14rn7HpKVk}
-}
-```"""
+# The card template: the repository's top-level `model_card.md`, installed as package data of `modeling_salmonn`.
+CARD_TEMPLATE_NAME = "model_card.md"
+# What a card says when the template cannot be found (remote code running where the package is not installed).
+FALLBACK_CARD_TEMPLATE = """---
+library_name: transformers
+pipeline_tag: audio-text-to-text
+tags:
+- salmonn
+- custom_code
+---
+
+# $title
+
+SALMONN (Tang et al., ICLR 2024, [arXiv:2310.13289](https://arxiv.org/abs/2310.13289)); the LLM carries $lora.
+$intro
+## Usage
+
+$usage
+"""
+
+
+def _card_template_candidates() -> list[Path]:
+    """
+    Where `model_card.md` may be: installed beside this file (package data), in the source checkout above it, or
+    beside the installed `modeling_salmonn` package when this file runs as remote code from transformers' cache.
+    """
+    here = Path(__file__).resolve().parent
+    folders = [here]
+    spec = importlib.util.find_spec("modeling_salmonn")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(location).resolve() for location in spec.submodule_search_locations]
+    candidates = []
+    for folder in dict.fromkeys(folders):
+        candidates.append(folder / CARD_TEMPLATE_NAME)
+        if (folder.parent / "setup.py").is_file():  # a source checkout (or editable install) of the package
+            candidates.append(folder.parent / CARD_TEMPLATE_NAME)
+    return candidates
+
+
+def card_template() -> str:
+    """The text of `model_card.md` (metadata and prose with `$name` placeholders), or a short built-in fallback."""
+    for path in _card_template_candidates():
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    logger.info("%s not found beside %s; writing a short model card", CARD_TEMPLATE_NAME, __file__)
+    return FALLBACK_CARD_TEMPLATE
 
 
 def is_hub_id(name: str | os.PathLike | None) -> bool:
@@ -117,63 +160,36 @@ def salmonn_model_card(
     datasets: list[str] | None = None,
     library_name: str = "transformers",
 ):
-    """A `ModelCard` with SALMONN's metadata (license, library, pipeline tag, tags, base models) and description."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """
+    SALMONN's `ModelCard`: `model_card.md` rendered with this model's numbers, `intro` and `usage`, its metadata
+    completed with the license, library, tags, base models and datasets of this folder.
+    """
+    from huggingface_hub import ModelCard
 
-    license = dict(license or LLAMA1_TERMS)
-    base_models = [name for name in dict.fromkeys(base_models or []) if is_hub_id(name)]
-    data = ModelCardData(
-        license=license.get("license"),
-        license_name=license.get("license_name"),
-        license_link=license.get("license_link"),
-        library_name=library_name,
-        pipeline_tag="audio-text-to-text",
-        tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
-        base_model=base_models or None,
-        datasets=datasets or None,
-        language=["en"],
-    )
     lora = (
         f"LoRA rank {config.lora_rank}, scaling {config.lora_alpha / config.lora_rank:g} (lora_alpha / rank), kept "
         "separate so that the scaling can change"
         if config.lora_rank > 0
         else "LoRA merged into its weights (fixed scaling)"
     )
-    if usage is None:
-        usage = _model_usage("path/or/repo-id")
-    body = f"""
-# {title}
-
-SALMONN is a large language model that hears speech, audio events and music (Tang et al., *SALMONN: Towards
-Generic Hearing Abilities for Large Language Models*, ICLR 2024, [arXiv:2310.13289](https://arxiv.org/abs/2310.13289)).
-A Whisper encoder and a BEATs encoder run side by side; their frames are concatenated, cut into windows of
-{config.second_per_window:g} s (hop {config.second_stride:g} s), each window is summarised by a Q-Former query,
-projected into the LLM and placed where the prompt says `<SpeechHere>`. The LLM carries {lora}.
-{intro}
-## Usage
-
-{usage}
-
-Each 30 s of audio gives {config.audio_tokens_per_segment} audio tokens; longer audio is encoded as consecutive 30 s
-segments. Several audios can go in one prompt (one `<SpeechHere>` each). The default decode is the original's
-4-beam search; stream text with `TextStreamer` and `num_beams=1`.
-
-## The LoRA scaling knob
-
-Discounting the LoRA scaling at test time (the paper, section 5.2) brings back emergent abilities such as story
-telling: `previous = model.set_lora_scaling(2.0)`; `model.lora_scaling` reads it.
-
-## Limitations
-
-- Trained on English data mostly; other languages are weak. Audio is 16 kHz mono to the model (stereo keeps channel 0).
-- Not trained for multi-turn dialogue; answers degrade after the first turn.
-- Inherits the biases and failure modes of Whisper, BEATs and Vicuna, and can describe content that is not in the audio.
-
-## Citation
-
-{CITATION}
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    text = Template(card_template()).substitute(
+        title=title,
+        second_per_window=f"{config.second_per_window:g}",
+        second_stride=f"{config.second_stride:g}",
+        lora=lora,
+        intro=intro,
+        usage=_model_usage("path/or/repo-id") if usage is None else usage,
+        audio_tokens_per_segment=config.audio_tokens_per_segment,
+    )
+    card = ModelCard(text)
+    license = dict(license or LLAMA1_TERMS)
+    for name in LICENSE_FIELDS:
+        setattr(card.data, name, license.get(name))
+    card.data.library_name = library_name
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
+    card.data.base_model = [name for name in dict.fromkeys(base_models or []) if is_hub_id(name)] or None
+    card.data.datasets = datasets or None
+    return card
 
 
 def _model_usage(repo: str) -> str:

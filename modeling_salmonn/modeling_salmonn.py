@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +23,16 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .integrations_salmonn import SalmonnLoraMixin, quantize_language_model_only
 from .configuration_salmonn import SALMONN_ADAPTER_MODULES, SalmonnConfig
+from .feature_extraction_salmonn import check_audio_inputs
 from .generation_salmonn import SalmonnGenerationMixin, original_generation_config
 from .modelcard_salmonn import SalmonnHubMixin
 from .modeling_beats import BeatsModel
 
 
 logger = logging.get_logger(__name__)
+
+QUERY_TOKENS = "speech_query_tokens"
+DEVICE_MAP_NO_SUBMODULE = "The following device_map keys do not match any submodules in the model:"
 
 
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`, in forward arguments and in the output classes;
@@ -49,6 +55,10 @@ CPU_AUDIO_SEGMENTS_PER_CHUNK = 1
 
 def _segments_per_chunk(device: torch.device) -> int:
     return CPU_AUDIO_SEGMENTS_PER_CHUNK if device.type == "cpu" else AUDIO_SEGMENTS_PER_CHUNK
+
+
+# Trained weights stay far below this; a finite tensor above it is corrupt and answers nothing useful.
+ABSURD_WEIGHT = 1e10
 
 
 @dataclass
@@ -98,6 +108,11 @@ class SalmonnPreTrainedModel(SalmonnHubMixin, PreTrainedModel):
     # `SalmonnModel.__init__` creates them in float32, so `from_config` under a half-precision default agrees.
     _keep_in_fp32_modules_strict = list(SALMONN_ADAPTER_MODULES)
     _skip_keys_device_placement = ["cache"]
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """The deprecated name that peft reads on every adapter call, answered without transformers' FutureWarning."""
+        return self.is_activation_checkpointing
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,6 +197,7 @@ class SalmonnModel(SalmonnPreTrainedModel):
         `input_features` is the Whisper log-mel of each 30 s segment, `input_values` the normalised BEATs fbank and
         `input_values_mask` marks its real frames, so that a segment padded in a batch is encoded as if alone.
         """
+        check_audio_inputs(input_features, input_values, input_values_mask, self.config.whisper_config.num_mel_bins)
         if input_features.shape[0] != input_values.shape[0]:
             raise ValueError(
                 f"`input_features` has {input_features.shape[0]} segments but `input_values` has "
@@ -386,6 +402,27 @@ class SalmonnModel(SalmonnPreTrainedModel):
         )
 
 
+def _refuse_integer_weights(model: nn.Module, checkpoint_files: list[str] | None) -> None:
+    """Reads the dtypes from the safetensors headers (no data) and names integer tensors where the model has floats."""
+    from safetensors import safe_open
+
+    expected = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    wrong = []
+    for path in checkpoint_files or []:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                if key in expected and expected[key].is_floating_point and dtype[0] in "IUB":  # I64, U8, BOOL, ...
+                    wrong.append(f"{key} ({dtype}) in {path}")
+    if wrong:
+        raise ValueError(
+            f"Weights that must be floating point are stored as integers: {wrong[:10]}; the checkpoint is corrupt or "
+            "not a SALMONN checkpoint (casting them would give a model that answers nonsense)"
+        )
+
+
 class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, SalmonnGenerationMixin):
     """SALMONN with its language-model head; `generate` answers prompts about audio."""
 
@@ -403,7 +440,21 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
         # A user's `quantization_config` would quantize every linear layer (Whisper, BEATs, the Q-Former); SALMONN
         # quantizes the language model only. transformers copies the config before `__init__`, so it is done here.
         quantize_language_model_only(kwargs.get("quantization_config"))
-        return super().from_pretrained(*args, **kwargs)
+        with warnings.catch_warnings():
+            # A device map that splits `SalmonnModel` lists its bare parameter `speech_query_tokens` by name (as
+            # BLIP-2's `query_tokens`), which accelerate's `check_device_map` reports as "no submodule" although it
+            # places it correctly. Only that exact report is silenced, only while loading.
+            warnings.filterwarnings(
+                "ignore", message=re.escape(f"{DEVICE_MAP_NO_SUBMODULE} ['model.{QUERY_TOKENS}']"), category=UserWarning
+            )
+            return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, checkpoint_files, *args, **kwargs):
+        # transformers casts every tensor to the parameter's dtype while loading, so an integer tensor where a weight
+        # belongs (a corrupt or foreign file; conversion refuses it) would load silently: refuse it from the headers.
+        _refuse_integer_weights(model, checkpoint_files)
+        return super()._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # Runs once the weights are loaded: a corrupt checkpoint with NaN/inf weights would otherwise answer '' silently.
@@ -421,7 +472,19 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
                 f"{len(bad)} loaded weight tensor(s) hold NaN or inf values: {bad[:10]}; the checkpoint is corrupt and "
                 "its answers will be meaningless (often empty)"
             )
-        return bad
+        absurd = []
+        for name, tensor in self.state_dict().items():
+            if name in bad or not tensor.is_floating_point() or tensor.device.type == "meta" or not tensor.numel():
+                continue
+            low, high = torch.aminmax(tensor)  # no copy of the tensor, unlike abs()
+            if max(-float(low), float(high)) > ABSURD_WEIGHT:
+                absurd.append(name)
+        if absurd:
+            logger.warning(
+                f"{len(absurd)} loaded weight tensor(s) hold values above {ABSURD_WEIGHT:.0e} in size: {absurd[:10]}; the "
+                "checkpoint is corrupt and its answers will be meaningless (often empty)"
+            )
+        return bad + absurd
 
     def train(self, mode: bool = True):
         super().train(mode)

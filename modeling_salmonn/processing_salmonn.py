@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.utils import logging
 
 from .feature_extraction_salmonn import SalmonnFeatureExtractor, check_audio_path
 
 
+logger = logging.get_logger(__name__)
+
+
 AUDIO_TOKEN = "<audio>"
+# Files that hold a LLaMA tokenizer's vocabulary (fast, then sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 PAD_TOKEN = "[PAD]"
 
 # USER: ... \nASSISTANT: answer</s> -- SALMONN's "USER: {}\nASSISTANT:" template, continued Vicuna-style for
@@ -43,6 +50,17 @@ def add_salmonn_tokens(tokenizer):
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
     return tokenizer
+
+
+# More placeholders per 30 s than any LLM context SALMONN runs with; a larger value is a broken config that would
+# first allocate the placeholder ids of every segment.
+MAX_AUDIO_TOKENS_PER_SEGMENT = 8192
+
+
+def _check_count(key: str, value, limit: int) -> None:
+    """A positive integer no larger than `limit`, or an error naming `key` (a processor setting or argument)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"SalmonnProcessor: `{key}` must be an integer from 1 to {limit}, got {value!r}")
 
 
 def _as_list_of_audio(audio) -> list:
@@ -85,10 +103,23 @@ class SalmonnProcessor(ProcessorMixin):
     ):
         if chat_template is None:
             chat_template = DEFAULT_CHAT_TEMPLATE
+        _check_count("audio_tokens_per_segment", audio_tokens_per_segment, MAX_AUDIO_TOKENS_PER_SEGMENT)
         self.audio_marker = audio_marker
         self.audio_token = audio_token
         self.audio_tokens_per_segment = audio_tokens_per_segment
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # Without its vocabulary file a LLaMA tokenizer still loads, as the few added tokens only, and every prompt
+        # then fails far from the cause (no audio placeholders); a local folder must hold one of the files.
+        folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"{folder} has no tokenizer.json (nor {', '.join(TOKENIZER_FILES[1:])}): the LLaMA tokenizer of a SALMONN "
+                "folder cannot be built without it; copy it from the folder salmonn-convert wrote or from the LLM"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def audio_token_id(self) -> int:
@@ -103,6 +134,87 @@ class SalmonnProcessor(ProcessorMixin):
         return self.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """
+        `ProcessorMixin.apply_chat_template` with SALMONN's audio forms in a message's `{"type": "audio", "audio": ...}`:
+        `{"array": ..., "sampling_rate": ...}` (resampled to 16 kHz), a `datasets` Audio value (`path` / `bytes`), a
+        file path, or a bare array or tensor, taken at `sampling_rate=` if given and otherwise as 16 kHz with a
+        warning (as `processor(...)` does). transformers alone would take any array as 16 kHz without a word.
+        """
+        if kwargs.get("tokenize"):
+            processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+            # The arrays are brought to 16 kHz here; files are read at the feature extractor's rate by transformers.
+            sampling_rate = kwargs.pop("sampling_rate", processor_kwargs.pop("sampling_rate", None))
+            if "processor_kwargs" in kwargs:
+                kwargs["processor_kwargs"] = processor_kwargs
+            truncation = bool(kwargs.get("truncation", processor_kwargs.get("truncation", False)))
+            conversation = self._chat_audio_at_16k(conversation, sampling_rate, truncation, counter=[0])
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    def _chat_audio_at_16k(self, conversation, sampling_rate: int | None, truncation: bool, counter: list[int]):
+        """A copy of `conversation` (one or a batch) whose audio blocks hold 16 kHz arrays or file paths."""
+        if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
+            return [self._chat_audio_at_16k(c, sampling_rate, truncation, counter) for c in conversation]
+        messages = []
+        for message in conversation:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, (list, tuple)):
+                blocks = []
+                for block in content:
+                    if isinstance(block, dict) and block.get("type") == "audio" and block.get("audio") is not None:
+                        name = f"conversation audio {counter[0]}"
+                        counter[0] += 1
+                        block = {**block, "audio": self._chat_audio(block["audio"], sampling_rate, truncation, name)}
+                    blocks.append(block)
+                message = {**message, "content": blocks}
+            messages.append(message)
+        return messages
+
+    def _chat_audio(self, audio, sampling_rate: int | None, truncation: bool, name: str):
+        """One chat audio as a 16 kHz mono array (a file path or URL string stays for transformers' loader)."""
+        if isinstance(audio, (str, os.PathLike)):
+            return os.fspath(audio)
+        if isinstance(audio, dict):
+            if audio.get("array") is not None:
+                if audio.get("sampling_rate") is None:
+                    raise ValueError(f"{name}: an audio dict with 'array' needs its 'sampling_rate' (in Hz) beside it")
+                audio, sampling_rate = audio["array"], audio["sampling_rate"]
+            elif audio.get("bytes") is not None or audio.get("path") is not None:
+                source = audio["bytes"] if audio.get("bytes") is not None else audio["path"]
+                audio, sampling_rate = self.feature_extractor.read_audio_file(source, name, truncation=truncation)
+            else:
+                raise ValueError(
+                    f"{name}: an audio dict needs 'array' and 'sampling_rate', or 'path' / 'bytes' (a `datasets` "
+                    f"Audio value); got the keys {sorted(audio)}"
+                )
+        elif sampling_rate is None:
+            logger.warning(
+                f"No sampling_rate given for {name}; assuming {self.feature_extractor.sampling_rate} Hz. Pass "
+                '{"type": "audio", "audio": {"array": waveform, "sampling_rate": rate}} (or `sampling_rate=`) to '
+                "avoid silent errors."
+            )
+        rate = self.feature_extractor.sampling_rate if sampling_rate is None else sampling_rate
+        return self.feature_extractor.prepare_audio(audio, rate, truncation=truncation, name=name)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """
+        Decodes generated ids (what the `any-to-any` pipeline calls for the prompt and for prompt + answer). LLaMA's
+        tokenizer puts the space before an answer's first word into that word's token; it is dropped after the last
+        `ASSISTANT:` so that the pipeline's answer, cut after the decoded prompt, starts with the word.
+        """
+        decoded = super().post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        turn = [{"role": "user", "content": ""}]
+        without = self.apply_chat_template(turn, tokenize=False)
+        generation_prompt = self.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)[len(without):]
+
+        def answer_without_leading_space(text: str) -> str:
+            head, prompt, answer = text.rpartition(generation_prompt)
+            return head + prompt + answer[1:] if prompt and answer.startswith(" ") else text
+
+        if isinstance(decoded, str):
+            return answer_without_leading_space(decoded)
+        return [answer_without_leading_space(text) for text in decoded]
 
     def _tokenize_piece(self, text: str) -> list[int]:
         if not text:
@@ -164,6 +276,8 @@ class SalmonnProcessor(ProcessorMixin):
             raise ValueError(f"SalmonnProcessor got unexpected arguments: {sorted(kwargs)}")
         if text is None:
             raise ValueError("SalmonnProcessor needs `text` (a prompt with one <SpeechHere> marker per audio)")
+        if max_target_length is not None:
+            _check_count("max_target_length", max_target_length, 2**31 - 1)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings")

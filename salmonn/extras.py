@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 
 # The optional modules each extra of setup.py installs (first match wins when a module is in several).
 EXTRA_MODULES = {
@@ -9,6 +11,7 @@ EXTRA_MODULES = {
     "eval": ("jiwer", "sacrebleu", "whisper_normalizer", "datasets"),
     "quant": ("optimum",),
     "demo": ("gradio",),
+    "vllm": ("vllm",),
 }
 
 
@@ -27,3 +30,13 @@ def missing_extra_message(err: ImportError, program: str, preferred_extra: str |
         return None
     extra = preferred_extra if preferred_extra in extras else extras[0]
     return f"{program}: error: the optional package {missing!r} is not installed; run pip install 'salmonn[{extra}]'"
+
+
+def require_vllm() -> None:
+    """`--engine vllm`: a missing vLLM is found before anything is read, loaded or written (see `missing_extra_message`)."""
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except ValueError:  # sys.modules["vllm"] is None: marked as not importable
+        found = False
+    if not found:
+        raise ModuleNotFoundError("No module named 'vllm'", name="vllm")

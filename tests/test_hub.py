@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +205,9 @@ def test_converted_card_names_hub_sources_and_the_cached_release(tmp_path):
     assert metadata["base_model"] == ["openai/whisper-large-v2"] and metadata["license"] == "other"
 
 
-def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
+def test_a_users_adapter_saves_alone_and_reloads_exactly(tmp_path):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModel, AutoProcessor
 
     base = save_tiny_checkpoint(tmp_path / "base")
@@ -212,6 +216,7 @@ def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
         LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|k_proj)"),
         adapter_name="mine",
     )
+    assert list(peft_model.peft_config.keys()) == ["mine"] and "default" in peft_model.peft_config
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if ".mine." in name:
@@ -220,8 +225,127 @@ def test_a_users_adapter_saves_and_loads_beside_salmonns_lora(tmp_path):
     t = np.arange(16000) / 16000
     inputs = processor(text=processor.format_prompt("Describe."), audio=0.3 * np.sin(2 * np.pi * 300 * t), sampling_rate=16000)
     want = _logits(peft_model.eval(), inputs)
-    peft_model.save_pretrained(tmp_path / "adapters")
-    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), tmp_path / "adapters" / "mine", adapter_name="mine")
+    saved = tmp_path / "adapters"
+    peft_model.save_pretrained(saved)
+    # SALMONN's LoRA is part of the base model: only the user's adapter is written (peft puts it under its name).
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "mine"]
+    tensors = load_file(saved / "mine" / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 2 * 2 and all(".q_proj." in k or ".k_proj." in k for k in tensors)  # A/B, 2 layers, q/k
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json'"):
+        PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), saved)
+    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), saved / "mine", adapter_name="mine")
     assert torch.equal(_logits(loaded.eval(), inputs), want)
+    q_proj = loaded.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    assert q_proj.active_adapters == ["default", "mine"]  # SALMONN's LoRA once, then the user's
     without = _logits(AutoModel.from_pretrained(base, trust_remote_code=True).eval(), inputs)
     assert not torch.allclose(want, without)
+
+
+def test_an_adapter_on_the_encoders_too_is_named_once(tiny, caplog):
+    import logging
+
+    model, _ = tiny
+    with caplog.at_level(logging.WARNING):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="mine")
+    assert caplog.text.count("wraps") == 1
+    assert "The adapter 'mine' wraps 8 layers outside the language model (in beats, speech_encoder" in caplog.text
+    assert r"target_modules=r'model\.language_model\..*\.(q_proj|v_proj)'" in caplog.text
+    caplog.clear()
+    other, _ = tiny_model_and_processor(seed=0)
+    with caplog.at_level(logging.WARNING):
+        get_peft_model(other, LoraConfig(r=4, target_modules=r"model\.language_model\..*\.(q_proj|v_proj)"), adapter_name="mine")
+    assert "wraps" not in caplog.text
+
+
+# -- model_card.md: the one template ---------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO_ROOT / "model_card.md"
+
+
+def _template_prose() -> list[str]:
+    """The template's lines below its metadata that carry no placeholder: every card must hold them verbatim."""
+    body = TEMPLATE.read_text().split("\n---\n", 1)[1]
+    return [line for line in body.splitlines() if line.strip() and "$" not in line]
+
+
+def test_a_saved_card_is_model_card_md_rendered(tmp_path, monkeypatch):
+    from modeling_salmonn import modelcard_salmonn
+
+    model, _ = tiny_model_and_processor(seed=0)
+    model.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    prose = _template_prose()
+    assert len(prose) > 20 and all(line in card for line in prose)
+    assert "# SALMONN (transformers)" in card and "windows of\n0.333333 s (hop 0.333333 s)" in card
+    assert "$" not in card
+    metadata = _card_metadata(card)
+    assert metadata["tags"] == ["salmonn", "audio", "speech", "audio-language-model", "custom_code"]
+    assert metadata["pipeline_tag"] == "audio-text-to-text" and metadata["language"] == ["en"]
+
+    # Editing the file edits every card: the writer reads the template each time.
+    edited = tmp_path / "model_card.md"
+    edited.write_text(
+        TEMPLATE.read_text()
+        .replace("- custom_code\n", "- custom_code\n- edited-tag\n")
+        .replace("## Limitations", "## Limitations\n\nThis line was added to model_card.md.")
+    )
+    monkeypatch.setattr(modelcard_salmonn, "_card_template_candidates", lambda: [tmp_path / "missing.md", edited])
+    model.save_pretrained(tmp_path / "again")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "This line was added to model_card.md." in card and "edited-tag" in _card_metadata(card)["tags"]
+
+
+def test_without_the_template_the_card_is_short_but_complete(tmp_path, monkeypatch):
+    from modeling_salmonn import modelcard_salmonn
+
+    monkeypatch.setattr(modelcard_salmonn, "_card_template_candidates", lambda: [tmp_path / "missing.md"])
+    model, _ = tiny_model_and_processor(seed=0)
+    model.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    metadata = _card_metadata(card)
+    assert metadata["license"] == "other" and metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "audio-text-to-text" and metadata["tags"] == ["salmonn", "custom_code"]
+    assert "LoRA rank 8, scaling 4" in card and 'AutoModel.from_pretrained("path/or/repo-id"' in card
+    assert "## The LoRA scaling knob" not in card and "$" not in card
+
+
+def test_remote_code_finds_the_template_of_the_installed_package(tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    out = run_fresh_python(
+        f"""
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(base)!r}, trust_remote_code=True)
+        print(type(model).__module__)
+        model.save_pretrained({str(tmp_path / "again")!r})
+        """,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert out.startswith("transformers_modules.")
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert all(line in card for line in _template_prose())
+
+
+def test_a_built_wheel_installs_the_template_as_package_data(tmp_path):
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (REPO_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")], check=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("salmonn-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True, timeout=600)
+    assert (tmp_path / "site" / "modeling_salmonn" / "model_card.md").read_text() == TEMPLATE.read_text()
+    assert not (source / "modeling_salmonn" / "model_card.md").exists()  # the build never copies into the sources
+    out = run_fresh_python(
+        """
+        from modeling_salmonn import modelcard_salmonn
+        print(modelcard_salmonn.__file__)
+        print(modelcard_salmonn.card_template() == open(modelcard_salmonn.__file__[:-len("modelcard_salmonn.py")] + "model_card.md").read())
+        """,
+        env={"PYTHONPATH": str(tmp_path / "site")},
+        cwd=tmp_path,
+    )
+    assert out.split() == [str(tmp_path / "site" / "modeling_salmonn" / "modelcard_salmonn.py"), "True"]

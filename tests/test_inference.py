@@ -496,7 +496,7 @@ def test_cli_folder_glob_manifests_to_stdout(checkpoint, audio_tree, capsys):
         ["--model", str(checkpoint), str(root / "clips"), str(root / "*.wav"), str(root / "manifest.jsonl"),
          str(root / "manifest.csv"), "--batch-size", "3", "--prompt", "Describe the audio.", "--max-audio-seconds", "2.5", *FAST]
     )
-    assert code == 0
+    assert code == 1  # items failed
     records = _lines(capsys.readouterr().out)
     ids = [r["id"] for r in records]
     clips = root / "clips"
@@ -512,7 +512,9 @@ def test_cli_folder_glob_manifests_to_stdout(checkpoint, audio_tree, capsys):
     # c.wav is 3 s, over --max-audio-seconds 2.5.
     assert "max_audio_seconds=2.5" in by_id["c1"]["error"] and "max_audio_seconds=2.5" in by_id[str(root / "c.wav")]["error"]
     for r in records:
-        assert set(r) in ({"id", "audio", "prompt", "answer", "seconds"}, {"id", "audio", "prompt", "error"})
+        assert set(r) in ({"id", "audio", "prompt", "answer", "seconds", "model", "settings"}, {"id", "audio", "prompt", "error", "model", "settings"})
+        assert r["model"] == str(checkpoint)
+        assert r["settings"] == {"generation": {"num_beams": 1, "max_new_tokens": 4}, "lora_scaling": None, "engine": "transformers"}
     # The CLI's batched answer equals the engine's answer for the item alone.
     model, processor = engine.load_model_and_processor(str(checkpoint))
     alone = engine.generate_answers(model, processor, [{"audio": str(clips / "a.wav"), "prompt": "What do you hear?"}], {"max_new_tokens": 4, "num_beams": 1})
@@ -543,15 +545,18 @@ def test_cli_resumes_after_an_interruption(checkpoint, audio_tree, tmp_path, mon
     with output.open("a") as f:
         f.write('{"id": "half')
     monkeypatch.setattr(engine, "_generate", real)
-    assert infer_main(argv) == 0
+    assert infer_main(argv) == 1  # the two broken files fail again
     final = output.read_text()
     assert final.startswith(first)
     ids = [r["id"] for r in _lines(final)]
-    assert ids == [str(root / "clips" / n) for n in ("a.wav", "corrupt.wav", "empty.wav", "sub/b.flac")] + ["c1", "c2"]
-    # Nothing is left to do on a third run, and --overwrite starts afresh.
-    assert infer_main(argv) == 0 and output.read_text() == final
-    assert infer_main(argv + ["--overwrite"]) == 0
-    assert [r["id"] for r in _lines(output.read_text())] == ids
+    broken = [str(root / "clips" / n) for n in ("corrupt.wav", "empty.wav")]
+    first_ids = [str(root / "clips" / n) for n in ("a.wav", "corrupt.wav", "empty.wav", "sub/b.flac")]
+    # The failed items are retried (their new error records appended), the answered ones are not.
+    assert ids == first_ids + broken + ["c1", "c2"]
+    # Only the failed items are tried on a third run; --overwrite starts afresh.
+    assert infer_main(argv) == 1 and [r["id"] for r in _lines(output.read_text())] == ids + broken
+    assert infer_main(argv + ["--overwrite"]) == 1
+    assert [r["id"] for r in _lines(output.read_text())] == first_ids + ["c1", "c2"]
 
 
 def test_cli_stream_single_item(checkpoint, audio_tree, tmp_path, capsys):
@@ -571,11 +576,14 @@ def test_cli_stream_single_item(checkpoint, audio_tree, tmp_path, capsys):
         (["does-not-exist.wav"], "no such file or folder"),
         (["nomatch-*.wav"], "the glob matches no file"),
         ([], "no INPUT given"),
-        (["--batch-size", "0", "x.wav"], "--batch-size must be at least 1"),
+        (["--batch-size", "0", "x.wav"], "--batch_size must be at least 1"),
+        (["--output", "a.jsonl", "--output_dir", "b", "x.wav"], "give --output_dir (a folder) or --output (a file), not both"),
+        (["--output_dir", "manifest.csv", "x.wav"], "--output_dir 'manifest.csv' is a file, not a folder"),
     ],
 )
 def test_cli_bad_arguments_exit_with_a_clear_error(checkpoint, tmp_path, monkeypatch, caplog, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "manifest.csv").write_text("audio\nx.wav\n")
     assert infer_main(["--model", str(checkpoint), *argv]) == 2
     assert message in caplog.text
 
@@ -584,7 +592,7 @@ def test_cli_bad_manifest_names_file_and_line(checkpoint, tmp_path, caplog):
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text('{"audio": "a.wav"}\n{"prompt": "no audio"}\n')
     assert infer_main(["--model", str(checkpoint), str(manifest)]) == 2
-    assert f"manifest {str(manifest)!r} line 2: needs an 'audio' path" in caplog.text
+    assert f"manifest {str(manifest)!r} line 2: needs an 'audio' (or 'path') file, got None" in caplog.text
 
 
 def test_cli_help_documents_every_flag(capsys):
@@ -592,9 +600,12 @@ def test_cli_help_documents_every_flag(capsys):
         infer_main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ["--model", "--prompt", "--output", "--batch-size", "--dtype", "--device", "--device-map", "--quantize",
-                 "--lora-scaling", "--num-beams", "--max-new-tokens", "--do-sample", "--temperature", "--top-p",
-                 "--stream", "--overwrite", "--seed", "--no-progress", "--max-audio-seconds", "INPUT", "manifest"]:
+    for flag in ["--model_name_or_path", "--model", "--prompt", "--output_dir", "--output", "--overwrite_output_dir",
+                 "--overwrite", "--test_file", "--batch_size", "--batch-size", "--dtype", "--model_dtype", "--device",
+                 "--device_map", "--quantize", "--lora_scaling", "--num_beams", "--max_new_tokens", "--do_sample",
+                 "--temperature", "--top_p", "--stream", "--seed", "--disable_tqdm", "--no_progress", "--no-progress",
+                 "--max_audio_seconds", "--eval_split_name", "--split", "--audio_column_name", "--text_column_name",
+                 "INPUT", "manifest"]:
         assert flag in text, flag
 
 

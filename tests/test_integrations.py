@@ -84,3 +84,80 @@ def test_streaming_with_beams_names_the_fix(saved):
     ids = model.generate(**inputs, streamer=streamer, max_new_tokens=3, num_beams=1)
     streamed = "".join(streamer)
     assert streamed == processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+# -- the demo's folder: the pipeline and the README's usage run on it ---------------------------------------------
+
+DEMO_ANSWER = "A rising chirp sweeps upward."
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    from salmonn.inference.demo import main as demo_main
+
+    folder = tmp_path_factory.mktemp("demo") / "salmonn-tiny"
+    assert demo_main(["--save_dir", str(folder)]) == 0
+    return folder
+
+
+def test_demo_config_registers_every_auto_class_that_save_pretrained_writes(demo_folder):
+    import json
+    from pathlib import Path
+
+    from modeling_salmonn.modelcard_salmonn import AUTO_MAP
+    from salmonn.inference.demo import DEMO_MODEL_DIR
+
+    assert json.loads((Path(DEMO_MODEL_DIR) / "config.json").read_text())["auto_map"] == AUTO_MAP
+    assert json.loads((demo_folder / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
+def test_demo_without_save_dir_names_no_folder_that_it_removes(caplog):
+    import logging
+
+    from salmonn.inference.demo import main as demo_main
+
+    with caplog.at_level(logging.INFO, logger="salmonn.inference.demo"):
+        assert demo_main(["--max_new_tokens", "3"]) == 0
+    assert "in a temporary place, removed at the end; pass --save_dir DIR to keep it" in caplog.text
+    assert "/tmp" not in caplog.text and "salmonn-tiny" not in caplog.text
+
+
+def test_pipeline_on_the_demo_folder_answers_and_honours_the_audio_rate(demo_folder, monkeypatch):
+    from transformers import pipeline
+
+    from salmonn.inference.demo import synthesize_clip
+
+    pipe = pipeline("any-to-any", model=str(demo_folder), trust_remote_code=True)
+    frames = []
+    generate = pipe.model.generate
+    monkeypatch.setattr(pipe.model, "generate", lambda **kw: frames.append(kw["input_values"].shape[1]) or generate(**kw))
+
+    def ask(audio):
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "Describe the audio."}]}]
+        out = pipe(text=messages, generate_kwargs={"max_new_tokens": 20, "num_beams": 1})
+        return out[0]["generated_text"][-1]["content"]
+
+    # The chirp at 16 kHz and at 44.1 kHz (a dict with its rate) is the same 2 s clip: 198 BEATs frames, same answer.
+    assert ask({"array": synthesize_clip(), "sampling_rate": 16000}) == DEMO_ANSWER
+    assert ask({"array": synthesize_clip(sampling_rate=44100), "sampling_rate": 44100}) == DEMO_ANSWER
+    assert frames == [198, 198]
+
+
+def test_readme_usage_runs_on_the_demo_folder(demo_folder, tmp_path):
+    import re
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from salmonn.inference.demo import synthesize_clip
+    from tests.utils import run_fresh_python
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    usage = readme.split("\n## Usage\n", 1)[1].split("\n## ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+    assert snippets
+    sf.write(tmp_path / "clip.wav", synthesize_clip(sampling_rate=44100), 44100)
+    for snippet in snippets:
+        code = f"path_or_repo_id = {str(demo_folder)!r}\n{snippet}\nprint(answer)"
+        out = run_fresh_python(code, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        assert out.strip().splitlines()[-1] in (DEMO_ANSWER, str([DEMO_ANSWER]))

@@ -86,6 +86,56 @@ def test_recipe_then_arguments_file_then_command_line(tmp_path):
         parse_arguments(["--stage", "finetune", "--model_name_or_path", "m"])
 
 
+def test_training_length_comes_from_the_highest_layer_that_sets_it(tmp_path):
+    base = ["--stage", "pretrain", "--model_name_or_path", "m", "--train_file", "t.json", "--output_dir", str(tmp_path)]
+    _, _, _, args = parse_arguments([*base, "--num_train_epochs", "2"])
+    assert args.num_train_epochs == 2 and args.max_steps == -1  # the recipe's 90,000 steps give way
+    _, _, _, args = parse_arguments([*base, "--num-train-epochs=2"])
+    assert args.num_train_epochs == 2 and args.max_steps == -1
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"max_steps": 100, "num_train_epochs": 5}))
+    with pytest.raises(ValueError, match="the arguments file sets both --max_steps and --num_train_epochs; give one of them"):
+        parse_arguments([str(run_file), *base])
+    _, _, _, args = parse_arguments([str(run_file), *base, "--num_train_epochs", "1"])
+    assert args.num_train_epochs == 1 and args.max_steps == -1
+    run_file.write_text(yaml.safe_dump({"num_train_epochs": 5}))
+    _, _, _, args = parse_arguments([str(run_file), *base, "--max_steps", "7"])
+    assert args.max_steps == 7  # the command line sets the length in steps: it wins
+    _, _, _, args = parse_arguments([*base, "--max_steps", "-1", "--num_train_epochs", "3"])
+    assert args.max_steps == -1 and args.num_train_epochs == 3
+    with pytest.raises(ValueError, match="the command line sets both"):
+        parse_arguments([*base, "--max_steps", "5", "--num_train_epochs", "3"])
+
+
+def test_transformers_flag_names_and_the_old_spellings_as_aliases(tmp_path):
+    base = ["--stage", "pretrain", "--model_name_or_path", "m", "--train_file", "t.json", "--output_dir", str(tmp_path)]
+    new = parse_arguments([*base, "--dtype", "bfloat16", "--train_split_name", "dev", "--audio_column_name", "wav",
+                           "--text_column_name", "sentence", "--overwrite_output_dir", "--disable_tqdm", "true"])
+    old = parse_arguments([*base, "--model_dtype", "bfloat16", "--train_split", "dev", "--audio_column", "wav",
+                           "--text_column", "sentence", "--overwrite_output_dir", "--disable_tqdm", "true"])
+    assert new[0] == old[0] and new[1] == old[1] and new[2] == old[2]
+    model_args, data_args, salmonn_args, args = new
+    assert model_args.dtype == "bfloat16" and data_args.train_split_name == "dev" and data_args.audio_column_name == "wav"
+    assert data_args.text_column_name == "sentence" and salmonn_args.overwrite_output_dir is True and args.disable_tqdm is True
+
+
+def test_dataloader_workers_are_capped_to_the_available_cpus(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from salmonn.training.train import cap_dataloader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    args = SimpleNamespace(dataloader_num_workers=8)
+    with caplog.at_level(logging.INFO, logger="salmonn.training.train"):
+        cap_dataloader_workers(args)
+    assert args.dataloader_num_workers == 2
+    assert caplog.messages == ["dataloader_num_workers 8 -> 2 (the CPUs available to this process)"]
+    args = SimpleNamespace(dataloader_num_workers=1)
+    cap_dataloader_workers(args)
+    assert args.dataloader_num_workers == 1
+
+
 def test_help_documents_every_flag():
     import dataclasses
 

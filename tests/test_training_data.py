@@ -158,23 +158,53 @@ def test_bad_items_are_skipped_with_a_counting_warning_or_raise_when_strict(tmp_
         SalmonnTrainDataset(items[1:3], PromptPool(), name="m.json")
 
 
-def test_audio_that_fails_at_load_time_is_dropped_by_the_collator(tmp_path, tiny, caplog):
+def test_audio_that_fails_at_load_time_is_replaced_by_the_next_item(tmp_path, tiny, caplog, monkeypatch):
+    """One corrupt body never ends a run: at batch size 1 the batch is the next item, with a warning naming both."""
+    import salmonn.training.data as data
+
     _, processor = tiny
-    a, b = _wav(tmp_path / "a.wav", seed=1), _wav(tmp_path / "b.wav", seed=2)
-    items = load_manifest(_manifest(tmp_path, [{"path": str(a), "text": "one"}, {"path": str(b), "text": "two"}]))
+    paths = [_wav(tmp_path / f"{k}.wav", seed=k) for k in range(4)]
+    items = load_manifest(_manifest(tmp_path, [{"audio": str(p), "text": f"t{k}"} for k, p in enumerate(paths)]))
     dataset = SalmonnTrainDataset(items, PromptPool())
-    b.write_bytes(b"corrupted after the check")
+    paths[1].write_bytes(b"corrupted after the check")
     with caplog.at_level(logging.WARNING):
-        examples = [dataset[0], dataset[1]]
-        assert examples[1] is None
-        batch = SalmonnDataCollator(processor)(examples)
-    assert batch["ids"] == [str(a)] and batch["input_ids"].shape[0] == 1
-    assert "Dropped 1 of 2 examples" in caplog.text
-    with pytest.raises(ValueError, match="Every example of this batch failed"):
-        SalmonnDataCollator(processor)([None, None])
+        example = dataset[1]
+    assert example["id"] == str(paths[2]) and example["answer"] == "t2"
+    np.testing.assert_array_equal(example["audio"], read_audio(paths[2])[0])
+    assert f"train: item 1 skipped at load time: {paths[1]}: cannot decode audio file" in caplog.text
+    assert f"item 2 ({str(paths[2])!r}) is used in its place" in caplog.text
+    batch = SalmonnDataCollator(processor)([example])
+    assert batch["ids"] == [str(paths[2])] and batch["input_ids"].shape[0] == 1
+
+    paths[3].write_bytes(b"also corrupted")  # the last item wraps around to the first
+    assert dataset[3]["id"] == str(paths[0])
+    paths[0].write_bytes(b"corrupted too")
+    assert dataset[3]["id"] == str(paths[2])  # 3, 0 and 1 fail: three in a row are still within the bound
+    monkeypatch.setattr(data, "MAX_FAILED_LOADS_IN_A_ROW", 2)
+    with pytest.raises(ValueError, match=rf"train: 2 items in a row from item 3 failed to load their audio \(first: item 3 skipped"):
+        dataset[3]
     strict = SalmonnTrainDataset(items, PromptPool(), strict=True, verify_audio=False)
-    with pytest.raises(ValueError, match="cannot decode audio file"):
+    with pytest.raises(ValueError, match="train: item 1: .*cannot decode audio file"):
         strict[1]
+
+
+def test_manifest_fields_are_those_of_infer_and_eval(tmp_path):
+    """`audio`, `text`, `prompt`, `id` (the original's `path` too); an item's own prompt replaces its task's pool."""
+    rows = [
+        {"audio": str(AUDIO / "duck.wav"), "text": "a duck", "prompt": "What animal is this?", "id": "d1", "task": "no_such_task"},
+        {"path": str(AUDIO / "music.wav"), "text": "A tune.", "prompt": "<SpeechHere> Describe the music."},
+        {"audio": str(AUDIO / "gunshots.wav"), "text": "bang", "prompt": ""},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = SalmonnTrainDataset(load_manifest(manifest), PromptPool(), seed=0)
+    first, second, third = dataset[0], dataset[1], dataset[2]
+    assert first["id"] == "d1" and first["prompt"] == "<Speech><SpeechHere></Speech> What animal is this?"
+    assert second["prompt"] == "<SpeechHere> Describe the music." and second["id"] == str(AUDIO / "music.wav")
+    assert third["prompt"] == PromptPool().choose("asr", seed="0:0:2")  # no prompt: the task's pool
+    (tmp_path / "two.jsonl").write_text(json.dumps({"audio": str(AUDIO / "duck.wav"), "text": "x", "prompt": "<SpeechHere><SpeechHere>"}))
+    with pytest.raises(ValueError, match=r"two.jsonl item 0: the prompt .* has 2 <SpeechHere> markers"):
+        load_manifest(tmp_path / "two.jsonl")
 
 
 def _manifest(tmp_path, rows, name="m.json"):
@@ -221,6 +251,9 @@ def test_datasets_dataset_with_an_audio_column_decodes_with_soundfile(tmp_path):
     assert example["sampling_rate"] == 8000 and example["audio"].shape == (300,)
     with pytest.raises(ValueError, match="no audio column 'sound'"):
         HFDatasetItems(arrays, audio_column="sound")
+    prompted = datasets.Dataset.from_dict({"audio": [str(AUDIO / "duck.wav")], "text": ["quack"], "prompt": ["Which animal?"]})
+    example = SalmonnTrainDataset(HFDatasetItems(prompted, prompt_column="prompt"), PromptPool())[0]
+    assert example["prompt"] == "<Speech><SpeechHere></Speech> Which animal?"
 
 
 # -- synthetic audio -----------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salmonn.cli import setup_logging
+
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .synthetic import available_classes, espeak_available
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
     if args.speech and not espeak_available():
         logger.error("The spoken-word class needs espeak-ng (apt-get install -y espeak-ng); or pass --speech false")

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 
 from salmonn.audio import TARGET_SAMPLING_RATE, resample
 from .prompts import validate_prompt
-
-
-logger = logging.getLogger(__name__)
 
 
 class SalmonnDataCollator:
@@ -21,8 +17,6 @@ class SalmonnDataCollator:
     with `</s>`, and only the answer and `</s>` carry loss. Answers longer than `max_txt_len` tokens are cut at their
     end (keeping `</s>`); the prompt and the audio are never cut. The batch keeps the example ids under `ids`
     (`SalmonnTrainer` takes them out before the forward pass).
-
-    Examples that failed to load (`None`) are dropped with a warning; a batch with nothing left is an error.
     """
 
     def __init__(self, processor, max_txt_len: int | None = 300, truncate_audio: bool = True):
@@ -43,13 +37,7 @@ class SalmonnDataCollator:
             self._templates[prompt] = formatted
         return formatted
 
-    def __call__(self, features: list[dict[str, Any] | None]) -> dict[str, Any]:
-        examples = [f for f in features if f is not None]
-        if len(examples) < len(features):
-            logger.warning("Dropped %d of %d examples of a batch whose audio could not be loaded", len(features) - len(examples), len(features))
-        if not examples:
-            raise ValueError("Every example of this batch failed to load its audio; see the warnings above")
-
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         prompts, answers, audios, rates = [], [], [], []
         for example in examples:
             name = f"example {example.get('id')!r}"

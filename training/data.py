@@ -1,10 +1,13 @@
 """
 Training data for SALMONN: the original annotation JSON, JSONL and CSV manifests and `datasets` datasets, turned into
-items `{id, path | array, sampling_rate, text, task, Q, expand_wav}` and served as (audio, prompt, answer) examples.
+items `{id, path | array, sampling_rate, text, prompt, task, Q, expand_wav}` and served as (audio, prompt, answer)
+examples. Manifest fields are those of salmonn-infer and salmonn-eval (`audio`, `text`, `prompt`, `id`), plus the
+original's `path` (for `audio`), `task`, `Q` and `expand_wav`.
 
 Bad items are found before training starts, not deep inside a batch: missing or unreadable audio and empty answers
-are skipped with one warning that counts them (or raise with `strict=True`), an unknown task or a prompt without
-`<SpeechHere>` is an error that names it.
+are skipped with one warning that counts them (or raise with `strict=True`), an unknown task or a prompt with more than
+one `<SpeechHere>` is an error that names it. An audio body that fails to decode during training is replaced by the
+next item with a warning naming both, so one bad file never ends a run.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import torch
 
 from modeling_salmonn.feature_extraction_salmonn import MAX_ABS_AMPLITUDE
 from salmonn.audio import join_with_silence, read_audio
+from salmonn.jsonl import split_jsonl
 
-from .prompts import PromptPool
+from .prompts import AUDIO_MARKER, AUDIO_PREFIX, PromptPool, validate_prompt
 
 
 logger = logging.getLogger(__name__)
 
-ITEM_KEYS = ("id", "path", "array", "sampling_rate", "text", "task", "Q", "expand_wav")
+ITEM_KEYS = ("id", "path", "array", "sampling_rate", "text", "prompt", "task", "Q", "expand_wav")
+# An audio that fails to decode during training is replaced by the next item; this many failures in a row end the run.
+MAX_FAILED_LOADS_IN_A_ROW = 8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,12 +99,21 @@ def _as_path_list(value: Any, where: str) -> list[str]:
     return list(value)
 
 
+def item_prompt(value: Any, where: str) -> str | None:
+    """An item's own instruction, as salmonn-infer takes it: the audio goes first unless it holds `<SpeechHere>`."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: `prompt` must be a string, got {value!r}")
+    return validate_prompt(value if AUDIO_MARKER in value else AUDIO_PREFIX + value, where)
+
+
 def normalise_item(raw: dict, where: str, base_dir: Path | None = None, default_task: str = "asr") -> dict:
-    """One raw record -> an item; `path` or `audio` (path) or `array` + `sampling_rate` give the audio."""
+    """One raw record -> an item; `audio` (or `path`) or `array` + `sampling_rate` give the audio."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected an object with `path`, `text` and `task`, got {type(raw).__name__}")
+        raise ValueError(f"{where}: expected an object with `audio` and `text`, got {type(raw).__name__}")
     item: dict[str, Any] = {}
-    path = raw.get("path", raw.get("audio"))
+    path = raw.get("audio", raw.get("path"))
     if isinstance(path, dict):  # {"array", "sampling_rate"} as datasets writes it
         item["array"] = path.get("array")
         item["sampling_rate"] = path.get("sampling_rate")
@@ -123,10 +138,11 @@ def normalise_item(raw: dict, where: str, base_dir: Path | None = None, default_
     elif isinstance(path, (str, os.PathLike)) and str(path):
         item["path"] = _resolve(str(path), base_dir)
     else:
-        raise ValueError(f"{where}: no audio; give `path` (a file) or `array` with `sampling_rate`")
+        raise ValueError(f"{where}: no audio; give `audio` (a file) or `array` with `sampling_rate`")
 
     text = raw.get("text")
     item["text"] = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
+    item["prompt"] = item_prompt(raw.get("prompt"), where)
     task = raw.get("task")
     item["task"] = default_task if task is None or (isinstance(task, str) and not task.strip()) else str(task).strip()
     question = raw.get("Q", raw.get("question"))
@@ -138,9 +154,9 @@ def normalise_item(raw: dict, where: str, base_dir: Path | None = None, default_
 
 def load_manifest(path: str | os.PathLike, audio_root: str | None = None, default_task: str = "asr") -> list[dict]:
     """
-    Reads `{"annotation": [...]}` JSON (the original format), a JSON list, JSONL or CSV/TSV (columns `path`, `text`,
-    `task`, `Q`, `expand_wav` with `;` between paths). Relative audio paths are taken from `audio_root`, else
-    next to the manifest, else from the working directory.
+    Reads JSONL, a JSON list, `{"annotation": [...]}` JSON (the original format) or CSV/TSV (columns `audio` or
+    `path`, `text`, `prompt`, `id`, `task`, `Q`, `expand_wav` with `;` between paths). Relative audio paths are taken
+    from `audio_root`, else next to the manifest, else from the working directory.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,17 +175,16 @@ def load_manifest(path: str | os.PathLike, audio_root: str | None = None, defaul
             records = data
         elif suffix == ".jsonl":
             records = []
-            for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
+            for line_no, line in split_jsonl(path.read_text(encoding="utf-8-sig")):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"Data file {str(path)!r}, line {line_no}: invalid JSON ({err})") from err
         elif suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as handle:
                 reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
                 if reader.fieldnames is None or not ({"path", "audio"} & set(reader.fieldnames)):
-                    raise ValueError(f"Data file {str(path)!r}: the header needs a `path` column, got {reader.fieldnames}")
+                    raise ValueError(f"Data file {str(path)!r}: the header needs an `audio` column, got {reader.fieldnames}")
                 records = list(reader)
         else:
             raise ValueError(f"Data file {str(path)!r}: unsupported extension {suffix!r} (use .json, .jsonl, .csv or .tsv)")
@@ -192,6 +207,7 @@ class HFDatasetItems(Sequence):
         dataset,
         audio_column: str = "audio",
         text_column: str = "text",
+        prompt_column: str | None = None,
         task_column: str | None = "task",
         question_column: str | None = "Q",
         id_column: str | None = None,
@@ -204,13 +220,14 @@ class HFDatasetItems(Sequence):
 
         columns = set(dataset.column_names)
         if audio_column not in columns:
-            raise ValueError(f"{name}: no audio column {audio_column!r}; columns are {sorted(columns)} (see --audio_column)")
+            raise ValueError(f"{name}: no audio column {audio_column!r}; columns are {sorted(columns)} (see --audio_column_name)")
         if isinstance(dataset.features.get(audio_column), Audio):
             dataset = dataset.cast_column(audio_column, Audio(decode=False))
         self.dataset = dataset
         self.name = name
         self.audio_column = audio_column
         self.text_column = text_column if text_column in columns else None
+        self.prompt_column = prompt_column if prompt_column and prompt_column in columns else None
         self.task_column = task_column if task_column and task_column in columns else None
         self.question_column = question_column if question_column and question_column in columns else None
         self.id_column = id_column if id_column and id_column in columns else None
@@ -226,7 +243,7 @@ class HFDatasetItems(Sequence):
 
     def column(self, key: str) -> list | None:
         """The text-like fields of every row without touching the audio column."""
-        column = {"text": self.text_column, "task": self.task_column, "Q": self.question_column}[key]
+        column = {"text": self.text_column, "prompt": self.prompt_column, "task": self.task_column, "Q": self.question_column}[key]
         return None if column is None else list(self.dataset[column])
 
     def __getitem__(self, index: int) -> dict:
@@ -245,6 +262,7 @@ class HFDatasetItems(Sequence):
             raw["array"] = value
             raw["sampling_rate"] = row.get(self.rate_column) if self.rate_column else None
         raw["text"] = row[self.text_column] if self.text_column else None
+        raw["prompt"] = row[self.prompt_column] if self.prompt_column else None
         raw["task"] = row[self.task_column] if self.task_column else None
         raw["Q"] = row[self.question_column] if self.question_column else None
         raw["expand_wav"] = row[self.expand_column] if self.expand_column else None
@@ -286,26 +304,29 @@ def filter_items(
     verify_audio: bool = True,
 ) -> list[int]:
     """
-    Indices of the usable items. Unknown tasks always raise (a configuration error); missing or unreadable audio,
-    empty answers and question prompts without a question are skipped with one counting warning, or raise if strict.
+    Indices of the usable items. Unknown tasks of items without their own prompt always raise (a configuration error);
+    missing or unreadable audio, empty answers and question prompts without a question are skipped with one counting
+    warning, or raise if strict.
     """
     lazy = isinstance(items, HFDatasetItems)
     if lazy:
         n = len(items)
         texts = items.column("text") or [None] * n
+        own_prompts = [item_prompt(p, f"{name} row {i}") for i, p in enumerate(items.column("prompt") or [None] * n)]
         tasks = [t if t else items.default_task for t in (items.column("task") or [None] * n)]
         questions = items.column("Q") or [None] * n
         if require_text and items.text_column is None:
-            raise ValueError(f"{name}: no answer column {items.text_column!r}; columns are {items.dataset.column_names} (see --text_column)")
+            raise ValueError(f"{name}: no answer column {items.text_column!r}; columns are {items.dataset.column_names} (see --text_column_name)")
     else:
         n = len(items)
         texts = [it["text"] for it in items]
+        own_prompts = [it.get("prompt") for it in items]
         tasks = [it["task"] for it in items]
         questions = [it["Q"] for it in items]
 
-    unknown = Counter(t for t in tasks if t not in prompts)
+    unknown = Counter(t for t, own in zip(tasks, own_prompts) if own is None and t not in prompts)
     if unknown:
-        first = next(i for i, t in enumerate(tasks) if t in unknown)
+        first = next(i for i, t in enumerate(tasks) if t in unknown and own_prompts[i] is None)
         raise ValueError(
             f"{name}: no prompt for task(s) {dict(unknown)} (first at item {first}); known tasks are "
             f"{sorted(prompts.pools)}. Give their prompts with --prompt_file ({{task: [prompts]}})"
@@ -317,7 +338,7 @@ def filter_items(
         problem = None
         if require_text and not (texts[i] or "").strip():
             problem = "empty answer"
-        elif prompts.needs_question(tasks[i]) and not (questions[i] or "").strip():
+        elif own_prompts[i] is None and prompts.needs_question(tasks[i]) and not (questions[i] or "").strip():
             problem = f"no question (`Q`) for task {tasks[i]!r}"
         elif verify_audio and not lazy:
             item = items[i]
@@ -345,9 +366,11 @@ def filter_items(
 
 class SalmonnTrainDataset(torch.utils.data.Dataset):
     """
-    Examples `{id, audio, sampling_rate, prompt, answer, task}` for `SalmonnDataCollator`. The prompt of an item is
-    drawn from its task's pool by `(seed, epoch, index)`, so it does not depend on worker processes, ranks or resumption.
-    An audio that fails to load at run time gives `None` (dropped by the collator with a warning) unless strict.
+    Examples `{id, audio, sampling_rate, prompt, answer, task}` for `SalmonnDataCollator`. An item's prompt is its own
+    `prompt`, else drawn from its task's pool by `(seed, epoch, index)`, so it does not depend on worker processes,
+    ranks or resumption. An audio that fails to load at run time is replaced by the next item that loads, with a
+    warning naming both (an error if strict, or after `MAX_FAILED_LOADS_IN_A_ROW` failures in a row): batches keep
+    their size, so every rank of a distributed run keeps taking the same steps.
     """
 
     def __init__(
@@ -390,16 +413,28 @@ class SalmonnTrainDataset(torch.utils.data.Dataset):
             check_samples(audio, path)
         return join_with_silence([main] + parts)
 
-    def __getitem__(self, index: int) -> dict | None:
-        try:
-            item = self.item(index)
-            audio, rate = self.load_audio(item)
-        except ValueError as err:
-            if self.strict:
-                raise ValueError(f"{self.name}: item {index}: {err}") from err
-            logger.warning("%s: item %d skipped at load time: %s", self.name, index, err)
-            return None
-        prompt = self.prompts.choose(item["task"], item["Q"], seed=f"{self.seed}:{self.epoch}:{index}")
+    def __getitem__(self, index: int) -> dict:
+        failures = []
+        for offset in range(MAX_FAILED_LOADS_IN_A_ROW):
+            position = (index + offset) % len(self)
+            try:
+                item = self.item(position)
+                audio, rate = self.load_audio(item)
+            except ValueError as err:
+                if self.strict:
+                    raise ValueError(f"{self.name}: item {position}: {err}") from err
+                failures.append(f"item {position} skipped at load time: {err}")
+                continue
+            if failures:
+                logger.warning("%s: %s; item %d (%r) is used in its place", self.name, "; ".join(failures), position, item["id"])
+            return self.example(position, item, audio, rate)
+        raise ValueError(
+            f"{self.name}: {MAX_FAILED_LOADS_IN_A_ROW} items in a row from item {index} failed to load their audio "
+            f"(first: {failures[0]}); check these files or leave them out of the data"
+        )
+
+    def example(self, index: int, item: dict, audio: np.ndarray, rate: int) -> dict:
+        prompt = item.get("prompt") or self.prompts.choose(item["task"], item["Q"], seed=f"{self.seed}:{self.epoch}:{index}")
         return {
             "id": item["id"],
             "audio": audio,

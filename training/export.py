@@ -2,7 +2,7 @@
 The small trainable-only export of a SALMONN run (Q-Former with its query, `ln_speech`, `ln_audio`,
 `speech_llama_proj`, LoRA) and applying it to a converted base folder.
 
-    python -m salmonn.training.export --base_model converted/ --export run/salmonn_trainable.safetensors --output_dir merged/
+    python -m salmonn.training.export --model_name_or_path converted/ --export run/salmonn_trainable.safetensors --output_dir merged/
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from salmonn.cli import setup_logging
 
 from .trainable import is_trainable_parameter, trainable_state_dict
 
@@ -139,11 +141,27 @@ def load_trainable_export(model, path: str | os.PathLike) -> list[str]:
     return sorted(tensors)
 
 
+def check_export_output(base_model: str, export: str, output_dir: str) -> None:
+    """The output folder is written whole and replaces what was there: it may not be or hold one of the inputs."""
+    out = Path(os.path.realpath(output_dir))
+    for flag, value in (("--model_name_or_path", base_model), ("--export", export)):
+        if not os.path.exists(value):
+            continue
+        path = Path(os.path.realpath(value))
+        if path == out or out in path.parents:
+            raise ValueError(
+                f"--output_dir {output_dir!r} {'is' if path == out else 'holds'} the input {flag} {value!r}; writing "
+                "the merged model there would replace it. Choose another --output_dir"
+            )
+
+
 def apply_export(base_model: str, export: str, output_dir: str, overwrite: bool = False, dtype: str = "auto") -> Path:
     """A converted base folder (or Hub id) plus an export -> a complete folder for `AutoModel` / `AutoProcessor`."""
     from transformers import AutoModel, AutoProcessor
 
     from salmonn.conversion.io_utils import atomic_output_dir
+
+    check_export_output(base_model, export, output_dir)
 
     model = AutoModel.from_pretrained(base_model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(base_model, trust_remote_code=True)
@@ -159,20 +177,29 @@ def apply_export(base_model: str, export: str, output_dir: str, overwrite: bool 
 
 @dataclass
 class ExportArguments:
-    base_model: str = field(metadata={"help": "Converted SALMONN folder or Hub id that the export is applied to."})
+    model_name_or_path: str = field(
+        metadata={"help": "Converted SALMONN folder or Hub id that the export is applied to.", "aliases": ["--base_model"]}
+    )
     export: str = field(metadata={"help": f"The trainable-only export ({TRAINABLE_EXPORT_NAME} of a training run)."})
-    output_dir: str = field(metadata={"help": "Where the complete model folder is written."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
+    output_dir: str = field(metadata={"help": "Where the complete model folder is written (not a folder of an input)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing --output_dir.", "aliases": ["--overwrite"]}
+    )
     dtype: str = field(default="auto", metadata={"help": "dtype the base model is loaded (and saved) in."})
 
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    setup_logging()
+    parser = HfArgumentParser(
+        ExportArguments,
+        prog="python -m salmonn.training.export",
+        description=f"Applies a {TRAINABLE_EXPORT_NAME} export to a converted SALMONN folder and writes the complete model.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
-        path = apply_export(args.base_model, args.export, args.output_dir, overwrite=args.overwrite, dtype=args.dtype)
+        path = apply_export(args.model_name_or_path, args.export, args.output_dir, overwrite=args.overwrite_output_dir, dtype=args.dtype)
     except (ValueError, FileExistsError) as err:
         logger.error("%s", err)
         return 2

@@ -9,10 +9,11 @@ salmonn-train: the paper's three training stages on the `transformers` Trainer.
 
 The recipe of the stage (`training/recipes/{stage}.yaml`: the paper's optimiser, schedule and batch size) gives the
 defaults; a YAML or JSON file of arguments given first (`salmonn-train my_run.yaml --seed 3`) overrides the recipe, and
-flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` receives the model and
-its processor (ready for `AutoModel` / `AutoProcessor` with `trust_remote_code=True`) and
-`salmonn_trainable.safetensors`, the trainable weights alone (apply it to a converted base with `python -m
-training.export`), and `adapter/`, the same as a PEFT adapter of the starting model (`PeftModel.from_pretrained`).
+flags on the command line override both. Every `TrainingArguments` flag works. `--output_dir` (new or empty, unless
+`--resume_from_checkpoint` or `--overwrite_output_dir`) receives the model and its processor (ready for `AutoModel` /
+`AutoProcessor` with `trust_remote_code=True`) and `salmonn_trainable.safetensors`, the trainable weights alone (apply
+it to a converted base with `python -m salmonn.training.export`), and `adapter/`, the same as a PEFT adapter of the
+starting model (`PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from salmonn.cli import setup_logging as cli_setup_logging
 
 
 logger = logging.getLogger(__name__)
@@ -42,11 +46,12 @@ class ModelArguments:
         default=None,
         metadata={"help": "A converted or previously trained SALMONN folder or Hub id (loaded with trust_remote_code)."},
     )
-    model_dtype: str = field(
+    dtype: str = field(
         default="float32",
         metadata={
             "help": "dtype of the loaded weights: float32 (with --bf16/--fp16 for mixed precision), bfloat16, float16 or auto.",
             "choices": ["float32", "bfloat16", "float16", "auto"],
+            "aliases": ["--model_dtype"],
         },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
@@ -62,9 +67,10 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "Training data: the original annotation JSON ({\"annotation\": [{path, text, task, Q?, expand_wav?}]}), "
-            "a JSON list, JSONL or CSV/TSV manifest, or a folder written by datasets' save_to_disk. For --stage "
-            "activation: the clips to write stories about (their text is not used)."
+            "help": "Training data: a JSONL, JSON list or CSV/TSV manifest with the fields audio (path; `path` is "
+            "accepted too), text (the answer), prompt or task (+ Q), id; the original annotation JSON "
+            "({\"annotation\": [...]}); or a folder written by datasets' save_to_disk. For --stage activation: the "
+            "clips to write stories about (their text is not used)."
         },
     )
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats as --train_file."})
@@ -72,13 +78,36 @@ class DataArguments:
         default=None, metadata={"help": "A `datasets` dataset (name or local folder) to train on instead of --train_file."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
-    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name (or of a DatasetDict folder) to train on."})
-    validation_split: str | None = field(default=None, metadata={"help": "Split used for validation, if any."})
-    audio_column: str = field(default="audio", metadata={"help": "Column of a `datasets` dataset with the audio (Audio feature, path or array)."})
-    text_column: str = field(default="text", metadata={"help": "Column with the answer."})
-    task_column: str = field(default="task", metadata={"help": "Column with the task name (missing -> --default_task)."})
-    question_column: str = field(default="Q", metadata={"help": "Column with the question that fills `{}` in prompts."})
-    id_column: str | None = field(default=None, metadata={"help": "Column with example ids (default: row numbers)."})
+    train_split_name: str = field(
+        default="train",
+        metadata={"help": "Split of --dataset_name (or of a DatasetDict folder) to train on.", "aliases": ["--train_split"]},
+    )
+    validation_split_name: str | None = field(
+        default=None, metadata={"help": "Split used for validation, if any.", "aliases": ["--validation_split"]}
+    )
+    audio_column_name: str = field(
+        default="audio",
+        metadata={
+            "help": "Column of a `datasets` dataset with the audio (Audio feature, path or array).",
+            "aliases": ["--audio_column"],
+        },
+    )
+    text_column_name: str = field(default="text", metadata={"help": "Column with the answer.", "aliases": ["--text_column"]})
+    prompt_column_name: str = field(
+        default="prompt",
+        metadata={"help": "Column with an item's own instruction (used instead of its task's prompts when present)."},
+    )
+    task_column_name: str = field(
+        default="task",
+        metadata={"help": "Column with the task name (missing -> --default_task).", "aliases": ["--task_column"]},
+    )
+    question_column_name: str = field(
+        default="Q",
+        metadata={"help": "Column with the question that fills `{}` in prompts.", "aliases": ["--question_column"]},
+    )
+    id_column_name: str | None = field(
+        default=None, metadata={"help": "Column with example ids (default: row numbers).", "aliases": ["--id_column"]}
+    )
     default_task: str = field(default="asr", metadata={"help": "Task of items that name none (the original's default)."})
     prompt_file: str | None = field(
         default=None,
@@ -111,6 +140,14 @@ class SalmonnArguments:
         metadata={
             "help": "Training stage; its recipe in training/recipes/ gives the defaults.",
             "choices": list(STAGES),
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds an earlier one: its checkpoint-N/ and data_order/ "
+            "are removed first and its other files replaced. Without it a non-empty --output_dir is refused "
+            "(continue the run there with --resume_from_checkpoint last)."
         },
     )
     lr_schedule: str = field(
@@ -207,6 +244,49 @@ def recipe_path(stage: str) -> Path:
     return RECIPES_DIR / f"{stage}.yaml"
 
 
+def _length_flags(values: dict[str, Any]) -> set[str]:
+    """Which of --max_steps (when positive) and --num_train_epochs a layer of arguments sets."""
+    found = set()
+    if values.get("num_train_epochs") is not None:
+        found.add("num_train_epochs")
+    max_steps = values.get("max_steps")
+    if max_steps is not None:
+        try:
+            if float(max_steps) > 0:
+                found.add("max_steps")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--max_steps must be an integer, got {max_steps!r}") from err
+    return found
+
+
+def _argv_values(argv: list[str], names: tuple[str, ...]) -> dict[str, str]:
+    """The values of the flags `names` on a command line (`--name value`, `--name=value` or `--name-with-dashes`)."""
+    values = {}
+    for i, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in names:
+            values[name] = value if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
+    return values
+
+
+def settle_training_length(layers: list[tuple[str, dict[str, Any]]]) -> None:
+    """
+    The training length is one setting spelled two ways: the highest layer (command line > arguments file > recipe)
+    that sets --max_steps or --num_train_epochs decides it, so `--num_train_epochs 3` is not silently beaten by a
+    recipe's `max_steps` (the Trainer lets a positive max_steps win). One layer setting both is refused.
+    """
+    for where, values in layers:
+        flags = _length_flags(values)
+        if len(flags) == 2:
+            raise ValueError(f"{where} sets both --max_steps and --num_train_epochs; give one of them")
+        if flags == {"num_train_epochs"}:
+            for _, lower in layers:
+                lower.pop("max_steps", None)
+        if flags:
+            return
+
+
 def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -232,6 +312,8 @@ def parse_arguments(argv: list[str] | None = None):
             raise ValueError(f"--stage must be one of {list(STAGES)}, got {stage!r}")
         recipe_values = read_arguments_file(recipe_path(stage))
 
+    command_line = _argv_values(argv, ("max_steps", "num_train_epochs"))
+    settle_training_length([("the command line", command_line), ("the arguments file", file_values), (f"recipe {stage}", recipe_values)])
     merged = _dict_to_argv(recipe_values, f"recipe {stage}") + _dict_to_argv(file_values, "arguments file") + argv
     parser = build_parser()
     model_args, data_args, salmonn_args, training_args = parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False)
@@ -256,20 +338,22 @@ def load_items(data_args: DataArguments, split: str):
 
     path = data_args.train_file if split == "train" else data_args.validation_file
     columns = dict(
-        audio_column=data_args.audio_column,
-        text_column=data_args.text_column,
-        task_column=data_args.task_column,
-        question_column=data_args.question_column,
-        id_column=data_args.id_column,
+        audio_column=data_args.audio_column_name,
+        text_column=data_args.text_column_name,
+        prompt_column=data_args.prompt_column_name,
+        task_column=data_args.task_column_name,
+        question_column=data_args.question_column_name,
+        id_column=data_args.id_column_name,
         default_task=data_args.default_task,
         audio_root=data_args.audio_root,
     )
     if path is not None:
         if os.path.isdir(path):
-            return load_hf_dataset(path, split=data_args.train_split if split == "train" else (data_args.validation_split or "validation"), **columns)
+            folder_split = data_args.train_split_name if split == "train" else (data_args.validation_split_name or "validation")
+            return load_hf_dataset(path, split=folder_split, **columns)
         return load_manifest(path, audio_root=data_args.audio_root, default_task=data_args.default_task)
     if data_args.dataset_name is not None:
-        hf_split = data_args.train_split if split == "train" else data_args.validation_split
+        hf_split = data_args.train_split_name if split == "train" else data_args.validation_split_name
         if hf_split is None:
             return None
         return load_hf_dataset(data_args.dataset_name, data_args.dataset_config_name, split=hf_split, **columns)
@@ -360,13 +444,98 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _local_inputs(model_args, data_args, salmonn_args) -> list[tuple[str, str]]:
+    given = [
+        ("--train_file", data_args.train_file),
+        ("--validation_file", data_args.validation_file),
+        ("--dataset_name", data_args.dataset_name),
+        ("--prompt_file", data_args.prompt_file),
+        ("--audio_root", data_args.audio_root),
+        ("--init_trainable_from", model_args.init_trainable_from),
+        ("--activation_stories_file", salmonn_args.activation_stories_file),
+    ]
+    return [(flag, value) for flag, value in given if value and os.path.exists(value)]
+
+
+def check_output_dir(model_args, data_args, salmonn_args, training_args) -> None:
+    """
+    Refuses, before anything is loaded or written, an --output_dir that would write into the base model's folder or
+    mix two runs: a non-empty folder needs --resume_from_checkpoint (continue the run saved there) or
+    --overwrite_output_dir (replace it; then it may not hold an input of this run).
+    """
+    output_dir = training_args.output_dir
+    out = Path(os.path.realpath(output_dir))
+    base = model_args.model_name_or_path
+    if os.path.isdir(base):
+        base_dir = Path(os.path.realpath(base))
+        if _within(out, base_dir) or _within(base_dir, out):
+            relation = "is" if out == base_dir else "is inside" if _within(out, base_dir) else "holds"
+            raise ValueError(
+                f"--output_dir {output_dir!r} {relation} the folder of --model_name_or_path {base!r}; training would "
+                "write its model and checkpoints over or next to the weights it starts from. Choose another --output_dir"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {output_dir!r} is a file, not a folder")
+    entries = sorted(os.listdir(out)) if out.is_dir() else []
+    if not entries:
+        return
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and salmonn_args.overwrite_output_dir:
+        raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one; give one of them")
+    if resume is not None:
+        if resume in ("last", "latest") or _within(Path(os.path.realpath(resume)), out):
+            return
+        raise ValueError(
+            f"--output_dir {output_dir!r} is not empty and --resume_from_checkpoint {resume!r} is not one of its "
+            "checkpoints: resuming into it would mix two runs. Resume into an empty --output_dir"
+        )
+    if not salmonn_args.overwrite_output_dir:
+        checkpoint = last_complete_checkpoint(str(out))
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        held = f"a run saved up to {Path(checkpoint).name}" if checkpoint else shown
+        raise ValueError(
+            f"--output_dir {output_dir!r} is not empty: it holds {held}. Add --resume_from_checkpoint last to continue "
+            "the run saved there, --overwrite_output_dir to replace it with this run, or choose a new folder"
+        )
+    for flag, value in _local_inputs(model_args, data_args, salmonn_args):
+        path = Path(os.path.realpath(value))
+        if _within(path, out):
+            raise ValueError(
+                f"--output_dir {output_dir!r} {'is' if path == out else 'holds'} {flag} {value!r}; "
+                "--overwrite_output_dir would replace what it holds. Choose another --output_dir"
+            )
+
+
+def clear_earlier_run(output_dir: str) -> None:
+    """
+    --overwrite_output_dir: the earlier run's checkpoint-N/ and data_order/ go first, so that `last`,
+    `save_total_limit` and the id logs see this run alone; its other files are replaced as this run writes them.
+    """
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path) and (re.fullmatch(r"checkpoint-\d+", name) or name == "data_order"):
+            shutil.rmtree(path)
+            logger.info("--overwrite_output_dir: removed %s of the earlier run", path)
+
+
+def cap_dataloader_workers(training_args) -> None:
+    """The recipes' 8 loader processes, cut to the CPUs this process may use (PyTorch warns on every loader otherwise)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if training_args.dataloader_num_workers > available:
+        logger.info("dataloader_num_workers %d -> %d (the CPUs available to this process)", training_args.dataloader_num_workers, available)
+        training_args.dataloader_num_workers = available
+
+
 def setup_logging(training_args) -> None:
     import transformers
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    logging.getLogger("training").setLevel(level)
+    cli_setup_logging(logging.WARNING)  # other libraries stay at warnings; ours follow --log_level
+    logging.getLogger(__package__).setLevel(level)  # this module, the data checks and the trainer
     transformers.utils.logging.set_verbosity(level)
 
 
@@ -398,8 +567,19 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
     from .prompts import DEFAULT_STORY_PROMPT, PromptPool
     from .trainer import DatasetEpochCallback, SalmonnTrainer, preprocess_logits_for_accuracy, token_accuracy
 
+    from accelerate import PartialState
+
     setup_logging(training_args)
+    check_output_dir(model_args, data_args, salmonn_args, training_args)
+    if salmonn_args.overwrite_output_dir and training_args.process_index == 0 and os.path.isdir(training_args.output_dir):
+        clear_earlier_run(training_args.output_dir)
+    PartialState().wait_for_everyone()  # every rank has checked the folder before any rank writes to it
+    cap_dataloader_workers(training_args)
     logger.info("Stage %s; training arguments %s", salmonn_args.stage, training_args)
+    if training_args.max_steps > 0:
+        logger.info("Training length: %d steps (--max_steps)", training_args.max_steps)
+    else:
+        logger.info("Training length: %g epoch(s) (--num_train_epochs)", training_args.num_train_epochs)
 
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "latest"):
@@ -411,7 +591,7 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
     training_args.resume_from_checkpoint = resume
 
     set_seed(training_args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[model_args.model_dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[model_args.dtype]
     load_kwargs = dict(trust_remote_code=True, revision=model_args.revision, cache_dir=model_args.cache_dir)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **load_kwargs)
     model = AutoModel.from_pretrained(model_args.model_name_or_path, dtype=dtype, **load_kwargs)
@@ -441,7 +621,7 @@ def run(model_args, data_args, salmonn_args, training_args) -> dict:
             )
 
     eval_dataset = None
-    eval_items = load_items(data_args, "validation") if (data_args.validation_file or data_args.validation_split) else None
+    eval_items = load_items(data_args, "validation") if (data_args.validation_file or data_args.validation_split_name) else None
     if eval_items is not None:
         eval_dataset = SalmonnTrainDataset(
             _limit(eval_items, data_args.max_eval_samples), train_prompts, seed=training_args.seed, name="validation",
