@@ -16,6 +16,7 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from salmonn.cli import setup_logging
+from salmonn.inference.options import DEFAULT_PROMPT
 
 
 logger = logging.getLogger(__name__)
@@ -25,12 +26,17 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 @dataclass
 class DemoArguments:
-    model: str | None = field(
+    model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A converted or trained SALMONN folder or Hub id. Default: the built-in tiny model."},
+        metadata={
+            "aliases": ["--model"],
+            "help": "A converted or trained SALMONN folder or Hub id. Default: the built-in tiny model.",
+        },
     )
     audio: str | None = field(default=None, metadata={"help": "An audio file to ask about. Default: a synthesised clip."})
-    prompt: str = field(default="Describe the audio.", metadata={"help": "The question about the audio."})
+    prompt: str = field(
+        default=DEFAULT_PROMPT, metadata={"help": "The question about the audio (salmonn-infer's default too)."}
+    )
     max_new_tokens: int = field(default=30, metadata={"help": "Longest answer in tokens."})
     num_beams: int = field(default=1, metadata={"help": "Beam width (the release's default is 4)."})
     save_dir: str | None = field(
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = True
-        model_path = args.model
+        model_path = args.model_name_or_path
         if model_path is None:
             folder = Path(args.save_dir) if args.save_dir else Path(tmp) / "salmonn-tiny"
             trained = build_demo_folder(folder, args.seed)
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("--audio %s: %s", args.audio, err)
             return 2
 
-    print(f"Model:  {args.model or 'built-in tiny SALMONN'}")
+    print(f"Model:  {args.model_name_or_path or 'built-in tiny SALMONN'}")
     print(f"Audio:  {audio_name}")
     print(f"Prompt: {args.prompt}")
     print(f"Answer: {answer}")
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs (features, encoders, Q-Former, LLM, generate, remote-code save and load). Pass --model with a "
             "converted or trained SALMONN folder or Hub id for real answers."
         )
-    elif args.model is None:
+    elif args.model_name_or_path is None:
         print(
             "Note: the built-in model is a few-MB SALMONN trained only on synthetic tones, noise and chirps; pass "
             "--model with a converted release (see README) for real answers."

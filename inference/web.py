@@ -35,8 +35,11 @@ _GENERATE_LOCK = threading.Lock()
 
 @dataclass
 class WebArguments:
-    model: str = field(
-        metadata={"help": "A converted or trained SALMONN folder or Hub id (loaded with trust_remote_code)."}
+    model_name_or_path: str = field(
+        metadata={
+            "aliases": ["--model"],
+            "help": "A converted or trained SALMONN folder or Hub id (loaded with trust_remote_code).",
+        }
     )
     host: str = field(
         default="127.0.0.1",
@@ -346,13 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     try:
-        model, processor = load_model_and_processor(args.model, dtype=args.dtype, device=args.device)
+        model, processor = load_model_and_processor(args.model_name_or_path, dtype=args.dtype, device=args.device)
     except (OSError, ValueError) as err:
-        logger.error("Cannot load --model %s (--dtype %s, --device %s): %s", args.model, args.dtype, args.device, err)
+        logger.error("Cannot load --model_name_or_path %s (--dtype %s, --device %s): %s", args.model_name_or_path, args.dtype, args.device, err)
         return 2
-    logger.info("Loaded %s on %s (%s)", args.model, model.device, model.dtype)
+    logger.info("Loaded %s on %s (%s)", args.model_name_or_path, model.device, model.dtype)
 
-    demo = build_demo(model, processor, model_name=args.model)
+    demo = build_demo(model, processor, model_name=args.model_name_or_path)
     demo.queue(default_concurrency_limit=1)
     demo.launch(
         server_name=args.host,

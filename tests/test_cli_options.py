@@ -70,13 +70,17 @@ def test_help_texts_describe_the_flags(capsys):
     assert "see module doc" not in text
 
 
-def test_infer_default_prompt_is_one_constant():
-    from salmonn.inference import infer, options
+def test_infer_and_demo_default_prompt_is_one_constant():
+    from transformers import HfArgumentParser
+
+    from salmonn.inference import demo, infer, options
 
     assert build_parser().parse_args_into_dataclasses(args=["x.wav"], return_remaining_strings=True)[1].prompt == (
         options.DEFAULT_PROMPT
     )
     assert infer.DEFAULT_PROMPT is options.DEFAULT_PROMPT
+    (demo_args,) = HfArgumentParser(demo.DemoArguments).parse_args_into_dataclasses(args=["--model", "some/folder"])
+    assert demo_args.prompt == options.DEFAULT_PROMPT and demo_args.model_name_or_path == "some/folder"
 
 
 def test_infer_reads_a_datasets_dataset_as_it_reads_files(tmp_path):

@@ -206,7 +206,7 @@ def test_help_documents_every_flag(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--host", "--port", "--share", "--dtype", "--device"):
+    for flag in ("--model_name_or_path", "--model", "--host", "--port", "--share", "--dtype", "--device"):
         assert flag in out
     assert "127.0.0.1" in out
 
