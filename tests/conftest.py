@@ -20,6 +20,17 @@ def tiny():
     return tiny_model_and_processor()
 
 
+@pytest.fixture(autouse=True)
+def _restore_transformers_verbosity():
+    """Commands run in-process set transformers' log level (salmonn-train's --log_level): it must not leak into the
+    next tests (transformers' ConfigTester, for one, expects a silent INFO-free config)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(level)
+
+
 # The skip reasons of transformers' hardware decorators (`require_torch_accelerator`, `require_torch_gpu`,
 # `require_torch_multi_accelerator`, `require_large_cpu_ram`'s GPU twins, ...; transformers/testing_utils.py). CI has
 # no accelerator, so a test of transformers' common suite that needs one skips by its own reason: a new release that
