@@ -31,7 +31,7 @@ from salmonn.extras import missing_extra_message
 from salmonn.jsonl import split_jsonl
 
 from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine
-from .output import OutputWriteError, JsonlWriter, check_resumable, lock_output, read_records
+from .output import OutputWriteError, JsonlWriter, check_overwritable, check_resumable, lock_output, read_records
 
 
 logger = logging.getLogger(__name__)
@@ -319,6 +319,9 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
             if generation_kwargs.get("num_beams", 1) != 1:
                 raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
+        if output is not None and args.overwrite_output_dir:
+            sources = [] if isinstance(items, DatasetPromptItems) else [item["audio"] for item in items]
+            check_overwritable(output, inputs + sources)
         output_lock = lock_output(output) if output is not None else None
     except (ValueError, OSError) as err:
         logger.error("%s", err)

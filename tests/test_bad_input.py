@@ -1370,3 +1370,29 @@ def test_r2_case11_symlink_loop_is_named(tiny, r2_release, caplog, tmp_path):
     checkpoint.unlink()
     checkpoint.symlink_to(checkpoint)
     assert f"SALMONN checkpoint {checkpoint} is a symlink loop" in _r2_convert_fails(r2_release, caplog)
+
+
+# -- QA pass on issues 19/20: salmonn-infer --overwrite_output_dir never replaces an input or a file not its own ------
+
+
+@pytest.mark.parametrize("target", ["the audio", "the manifest", "a symlink to another wav", "notes"])
+def test_qa_infer_overwrite_refuses_an_input_or_a_file_not_its_own(tmp_path, caplog, target):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    other = _wav(tmp_path / "other.wav", 0.5)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"audio": "clip.wav", "id": "u0"}) + "\n")
+    (tmp_path / "link.wav").symlink_to(other)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    output, inputs, message = {
+        "the audio": (clip, [str(clip)], f"--output {str(clip)!r} is the input {str(clip)!r} of this run"),
+        "the manifest": (manifest, [str(manifest)], f"--output {str(manifest)!r} is the input {str(manifest)!r}"),
+        "a symlink to another wav": (tmp_path / "link.wav", [str(clip)], "was not written by salmonn-infer (its first line"),
+        "notes": (tmp_path / "notes.txt", [str(clip)], "replaces only salmonn-infer's own output"),
+    }[target]
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with caplog.at_level(logging.ERROR):
+        code = main(["--model", str(tmp_path / "no-model"), "--output", str(output), "--overwrite", "--no-progress", *inputs])
+    assert code == 2 and message in caplog.text
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
