@@ -1396,3 +1396,19 @@ def test_qa_infer_overwrite_refuses_an_input_or_a_file_not_its_own(tmp_path, cap
         code = main(["--model", str(tmp_path / "no-model"), "--output", str(output), "--overwrite", "--no-progress", *inputs])
     assert code == 2 and message in caplog.text
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1 (numpy's range), got -1"),
+        (["--seed", str(2**32)], f"--seed must be from 0 to 2**32 - 1 (numpy's range), got {2**32}"),
+        (["--num_beams", "257"], "--num_beams must be at most 256 (each beam holds its own cache), got 257"),
+        (["--do_sample", "--temperature", "inf"], "--temperature must be a positive finite number, got inf"),
+    ],
+)
+def test_qa_infer_numeric_flags_out_of_range_are_refused_before_loading(tmp_path, caplog, flags, message):
+    output = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output, *flags) == 2
+    assert message in caplog.text and not output.exists()
