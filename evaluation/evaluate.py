@@ -34,7 +34,7 @@ from transformers import HfArgumentParser
 from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, load_mono_16k
 from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
-from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, row_audio
+from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, model_identity, row_audio
 from salmonn.jsonl import dumps_record
 
 from .items import build_prompt, load_dataset_items, load_manifest, load_prompt_file
@@ -266,7 +266,7 @@ def run_evaluation(
             raise ValueError("--stream needs --engine transformers")
         generation_kwargs["num_beams"] = 1
     settings = {
-        "model": run.model_name_or_path,
+        "model": model_identity(run.model_name_or_path),
         "data": str(data_args.test_file) if rows is None else f"{data_args.dataset_name}[{data_args.eval_split_name}]",
         "prompt_source": "--prompt" if args.prompt else (args.prompt_file or "salmonn-eval defaults"),
         "generation_kwargs": generation_kwargs or "model generation_config",

@@ -30,7 +30,7 @@ from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
 from salmonn.jsonl import split_jsonl
 
-from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine
+from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine, model_identity
 from .output import OutputWriteError, JsonlWriter, check_overwritable, check_resumable, lock_output, read_records
 
 
@@ -334,7 +334,7 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
 
 
 def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, generation_kwargs: dict, output: Path | None) -> int:
-    run = {"model": args.model_name_or_path, "settings": args.settings()}
+    run = {"model": model_identity(args.model_name_or_path), "settings": args.settings()}
     done_ids: set[str] = set()
     if output is not None and not args.overwrite_output_dir:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -26,6 +27,15 @@ DEFAULT_PROMPT = "Please describe the audio in detail."
 PREDICTIONS_FILE = "predictions.jsonl"
 # The widest beam `generate` accepts (modeling_salmonn/generation_salmonn.py's MAX_BEAMS): refused before loading.
 MAX_BEAMS = 256
+
+
+def model_identity(name_or_path: str) -> str:
+    """
+    The model as recorded with its answers and compared on resume: a local folder by its absolute path (so that
+    `demo`, `./demo` and `/abs/demo` agree, and `demo` run from another folder does not), a Hub id as given.
+    """
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 @dataclass

@@ -1412,3 +1412,25 @@ def test_qa_infer_numeric_flags_out_of_range_are_refused_before_loading(tmp_path
     with caplog.at_level(logging.ERROR):
         assert _infer(tmp_path, output, *flags) == 2
     assert message in caplog.text and not output.exists()
+
+
+def test_qa_infer_records_a_local_model_by_its_absolute_path(tmp_path, caplog, monkeypatch):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "elsewhere" / "model").mkdir(parents=True)
+    output = tmp_path / "out.jsonl"
+    settings = {"generation": {}, "lora_scaling": None, "engine": "transformers"}
+    record = {"id": str(clip), "audio": str(clip), "prompt": "Please describe the audio in detail.", "answer": "a tone"}
+    content = json.dumps({**record, "model": str((tmp_path / "model").resolve()), "settings": settings}) + "\n"
+    output.write_text(content)
+    monkeypatch.chdir(tmp_path)
+    # The same folder spelled relatively resumes (nothing left to answer, nothing loaded) ...
+    assert main(["--model", "./model/", "--output", str(output), "--no-progress", str(clip)]) == 0
+    # ... and `model` from another folder is another model: refused, not mixed.
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", "model", "--output", str(output), "--no-progress", str(clip)]) == 2
+    assert f"not {str((tmp_path / 'elsewhere' / 'model').resolve())!r}; mixing them would be silent" in caplog.text
+    assert output.read_text() == content
