@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -224,6 +225,18 @@ def _previous_answers(output: Path, pred_path: Path, config_path: Path, current:
     return done
 
 
+def _refuse_data_among_outputs(output: Path, data: str | None) -> None:
+    """The manifest must not be one of the files this run writes (it would be replaced by answers or results)."""
+    if data is None or not Path(data).is_file():
+        return
+    for name in (PREDICTIONS_FILE, "run_config.json", "results.json", "results.md"):
+        target = output / name
+        if target.exists() and os.path.samefile(target, data):
+            raise ValueError(
+                f"--test_file {data} is {target}, a file salmonn-eval writes in --output_dir; give another --output_dir"
+            )
+
+
 def _stream_items(model, processor, items, generation_kwargs: dict) -> Iterator[dict]:
     """`--stream`: the items one at a time, each answer printed to stderr as it is generated."""
     engine = importlib.import_module("salmonn.inference.engine")
@@ -283,6 +296,7 @@ def run_evaluation(
     config_path = output / "run_config.json"
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output_dir {output} is a file, not a folder")
+    _refuse_data_among_outputs(output, data_args.test_file if data_args is not None else None)
     done: set[str] = set()
     if pred_path.exists() and not run.overwrite_output_dir:
         done = _previous_answers(output, pred_path, config_path, {"task": spec.name, **settings}, items, prompts)

@@ -1434,3 +1434,21 @@ def test_qa_infer_records_a_local_model_by_its_absolute_path(tmp_path, caplog, m
         assert main(["--model", "model", "--output", str(output), "--no-progress", str(clip)]) == 2
     assert f"not {str((tmp_path / 'elsewhere' / 'model').resolve())!r}; mixing them would be silent" in caplog.text
     assert output.read_text() == content
+
+
+@pytest.mark.parametrize("name", ["predictions.jsonl", "results.json"])
+def test_qa_eval_refuses_a_manifest_that_is_one_of_its_output_files(tmp_path, capsys, name):
+    from salmonn.evaluation.evaluate import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / name
+    row = {"id": "u0", "audio": "u0.wav", "text": "hello"}
+    manifest.write_text(json.dumps(row if name.endswith(".jsonl") else [row]) + "\n")  # results.json: a JSON list
+    before = manifest.read_bytes()
+    argv = ["--model_name_or_path", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out) + "/"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--overwrite_output_dir", "--disable_tqdm"])
+    assert exit_info.value.code == 2
+    assert f"--test_file {manifest} is {out / name}, a file salmonn-eval writes in --output_dir" in capsys.readouterr().err
+    assert manifest.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
