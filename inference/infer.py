@@ -144,6 +144,8 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"manifest {str(path)!r}: cannot read it: {err}") from err
 
+    if not rows:
+        raise ValueError(f"manifest {str(path)!r} holds no items")
     items = []
     for number, row in rows:
         audio = row.get("audio") or row.get("path")  # `path`: the older name of the field

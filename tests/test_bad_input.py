@@ -1452,3 +1452,19 @@ def test_qa_eval_refuses_a_manifest_that_is_one_of_its_output_files(tmp_path, ca
     assert exit_info.value.code == 2
     assert f"--test_file {manifest} is {out / name}, a file salmonn-eval writes in --output_dir" in capsys.readouterr().err
     assert manifest.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_qa_empty_manifest_and_a_folder_named_as_manifest_are_named(tmp_path, caplog, capsys):
+    from salmonn.evaluation.evaluate import main as eval_main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\xef\xbb\xbf\r\n\n")
+    output = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output, "--test_file", str(empty)) == 2
+    assert f"manifest {str(empty)!r} holds no items" in caplog.text and not output.exists()
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        eval_main(["--model", "m", "--task", "asr", "--test_file", str(folder), "--output_dir", str(tmp_path / "ev")])
+    assert f"--test_file {folder} is a folder; give a JSONL, CSV, TSV or JSON manifest file" in capsys.readouterr().err
