@@ -1468,3 +1468,22 @@ def test_qa_empty_manifest_and_a_folder_named_as_manifest_are_named(tmp_path, ca
     with pytest.raises(SystemExit):
         eval_main(["--model", "m", "--task", "asr", "--test_file", str(folder), "--output_dir", str(tmp_path / "ev")])
     assert f"--test_file {folder} is a folder; give a JSONL, CSV, TSV or JSON manifest file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_train_epochs", "0"], "--num_train_epochs must be a positive finite number, got 0.0"),
+        (["--num_train_epochs", "nan"], "--num_train_epochs must be a positive finite number, got nan"),
+        (["--max_steps", "0"], "--max_steps must be positive (or -1 to train for --num_train_epochs), got 0"),
+        (["--max_steps", "1", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    ],
+)
+def test_qa_train_length_of_no_step_is_refused_before_loading(tmp_path, capsys, flags, message):
+    from salmonn.training.train import main
+
+    setup = {"base": tmp_path / "no-model", "manifest": tmp_path / "no-data.jsonl"}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(setup, out, *flags))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
