@@ -1487,3 +1487,14 @@ def test_qa_train_length_of_no_step_is_refused_before_loading(tmp_path, capsys, 
     with pytest.raises(SystemExit) as exit_info:
         main(_train_args(setup, out, *flags))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_qa_convert_max_shard_size_zero_is_refused(tmp_path, caplog):
+    from salmonn.conversion.convert_salmonn import main
+    from tests.utils import fixture_a_convert_args
+
+    output = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(fixture_a_convert_args(output, "--max-shard-size", "0")) != 0
+    assert "--max-shard-size '0': must be positive (0 would write one file per tensor)" in caplog.text
+    assert not output.exists()
