@@ -1498,3 +1498,17 @@ def test_qa_convert_max_shard_size_zero_is_refused(tmp_path, caplog):
         assert main(fixture_a_convert_args(output, "--max-shard-size", "0")) != 0
     assert "--max-shard-size '0': must be positive (0 would write one file per tensor)" in caplog.text
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value", [("feature_size", 80.0), ("beats_num_mel_bins", 128.0), ("sampling_rate", True), ("n_fft", "400")]
+)
+def test_qa_processor_config_sizes_of_another_type_are_named_at_load(saved, tmp_path, key, value):
+    from transformers import AutoProcessor
+
+    def edit(config):
+        config["feature_extractor"][key] = value
+
+    folder = _edited_copy(saved, tmp_path, edit, "processor_config.json")
+    with pytest.raises(ValueError, match=re_escape(f"`{key}` must be a positive integer, got {value!r}")):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
