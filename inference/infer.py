@@ -57,7 +57,7 @@ class InferArguments:
         default=None,
         metadata={
             "help": f"The older spelling of --output_dir for a file: the JSONL file itself (--output_dir D writes "
-            f"D/{PREDICTIONS_FILE}). Without either, the records go to stdout."
+            f"D/{PREDICTIONS_FILE}). Without either, or with '-', the records go to stdout."
         },
     )
 
@@ -290,6 +290,8 @@ def output_path(args: RunArguments, infer_args: InferArguments) -> Path | None:
     """The JSONL file: `--output_dir`/predictions.jsonl, or the file `--output` names, or None for stdout."""
     if args.output_dir is not None and infer_args.output is not None:
         raise ValueError("give --output_dir (a folder) or --output (a file), not both")
+    if infer_args.output == "-":  # the usual spelling of stdout, not a file named '-'
+        return None
     if infer_args.output is not None:
         return Path(infer_args.output)
     if args.output_dir is None:

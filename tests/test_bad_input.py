@@ -1512,3 +1512,13 @@ def test_qa_processor_config_sizes_of_another_type_are_named_at_load(saved, tmp_
     folder = _edited_copy(saved, tmp_path, edit, "processor_config.json")
     with pytest.raises(ValueError, match=re_escape(f"`{key}` must be a positive integer, got {value!r}")):
         AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_qa_infer_output_dash_is_stdout_not_a_file(tmp_path, monkeypatch):
+    from salmonn.inference.infer import output_path, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args, infer_args, _, _, _ = build_parser().parse_args_into_dataclasses(
+        args=["--model", "m", "--output", "-"], return_remaining_strings=True, look_for_args_file=False
+    )
+    assert output_path(args, infer_args) is None and list(tmp_path.iterdir()) == []
