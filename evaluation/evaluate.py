@@ -260,6 +260,8 @@ def run_evaluation(
 ) -> dict[str, Any]:
     scoring = _scoring_options(args, spec)
     run.check()
+    if args.limit is not None and args.limit < 1:  # items[:-1] would silently drop the last item
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     rows = None
     if data_args is not None and data_args.dataset_name is not None:
         items, rows = load_dataset_items(data_args, spec)

@@ -1522,3 +1522,16 @@ def test_qa_infer_output_dash_is_stdout_not_a_file(tmp_path, monkeypatch):
         args=["--model", "m", "--output", "-"], return_remaining_strings=True, look_for_args_file=False
     )
     assert output_path(args, infer_args) is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_qa_eval_limit_below_one_is_refused_before_writing(tmp_path, capsys, limit):
+    from salmonn.evaluation.evaluate import main
+
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": f"u{i}.wav", "text": "hi"}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out), "--limit", limit])
+    assert exit_info.value.code == 2 and f"--limit must be at least 1, got {limit}" in capsys.readouterr().err
+    assert not out.exists()
