@@ -1535,3 +1535,13 @@ def test_qa_eval_limit_below_one_is_refused_before_writing(tmp_path, capsys, lim
         main(["--model", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out), "--limit", limit])
     assert exit_info.value.code == 2 and f"--limit must be at least 1, got {limit}" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--max_train_samples", "--max_eval_samples"])
+def test_qa_train_sample_limits_below_one_are_refused(tmp_path, capsys, flag):
+    from salmonn.training.train import main
+
+    setup = {"base": tmp_path / "no-model", "manifest": tmp_path / "no-data.jsonl"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(setup, tmp_path / "out", "--max_steps", "1", flag, "-1"))
+    assert exit_info.value.code == 2 and f"{flag} must be at least 1, got -1" in capsys.readouterr().err

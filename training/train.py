@@ -325,6 +325,10 @@ def parse_arguments(argv: list[str] | None = None):
         parser.error("give the training data with --train_file or --dataset_name")
     if salmonn_args.stage == "activation" and data_args.train_file is None and data_args.dataset_name is None and salmonn_args.activation_stories_file is None:
         parser.error("--stage activation needs clips (--train_file / --dataset_name) or --activation_stories_file")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:  # items[:-1] would silently drop the last item
+            parser.error(f"--{flag} must be at least 1, got {value}")
     length_error = training_length_error(training_args)
     if length_error is not None:
         parser.error(length_error)
