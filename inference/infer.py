@@ -214,6 +214,10 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
                     items.extend(_read_manifest(p, default_prompt))
                 else:
                     add_file(p, str(p))
+        elif path.is_symlink():
+            from modeling_salmonn.feature_extraction_salmonn import why_missing
+
+            raise ValueError(f"INPUT {given!r} {why_missing(path)}")
         else:
             raise ValueError(f"INPUT {given!r}: no such file or folder, and not a glob")
 

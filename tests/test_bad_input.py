@@ -1545,3 +1545,16 @@ def test_qa_train_sample_limits_below_one_are_refused(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exit_info:
         main(_train_args(setup, tmp_path / "out", "--max_steps", "1", flag, "-1"))
     assert exit_info.value.code == 2 and f"{flag} must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_qa_infer_input_symlink_loop_and_broken_symlink_are_named(tmp_path, caplog):
+    from salmonn.inference.infer import main
+
+    loop, broken = tmp_path / "loop.wav", tmp_path / "broken.wav"
+    loop.symlink_to(loop)
+    broken.symlink_to(tmp_path / "gone.wav")
+    for given, message in [(loop, "is a symlink loop (it resolves to itself)"), (broken, "is a broken symlink (to ")]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o.jsonl"), str(given)]) == 2
+        assert f"INPUT {str(given)!r} {message}" in caplog.text and not (tmp_path / "o.jsonl").exists()
