@@ -1558,3 +1558,18 @@ def test_qa_infer_input_symlink_loop_and_broken_symlink_are_named(tmp_path, capl
         with caplog.at_level(logging.ERROR):
             assert main(["--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o.jsonl"), str(given)]) == 2
         assert f"INPUT {str(given)!r} {message}" in caplog.text and not (tmp_path / "o.jsonl").exists()
+
+
+def test_qa_demo_save_dir_never_replaces_a_users_files(tmp_path, caplog):
+    from salmonn.inference.demo import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("my own config\n")
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    with caplog.at_level(logging.ERROR):
+        assert main(["--save_dir", str(folder)]) == 2
+        assert main(["--save_dir", str(clip)]) == 2
+    assert f"--save_dir {str(folder)!r} is not empty and was not written by salmonn-demo" in caplog.text
+    assert f"--save_dir {str(clip)!r} is a file, not a folder" in caplog.text
+    assert [p.name for p in folder.iterdir()] == ["config.json"] and (folder / "config.json").read_text() == "my own config\n"
