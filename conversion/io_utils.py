@@ -148,7 +148,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
+    size = int(float(match.group(1)) * units[(match.group(2) or "").upper()])
+    if size < 1:
+        raise ValueError(f"--max-shard-size {text!r}: must be positive (0 would write one file per tensor)")
+    return size
 
 
 # safetensors names of torch dtypes, for the streaming writer below.

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from transformers import HfArgumentParser
 from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, load_mono_16k
 from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
-from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, row_audio
+from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, model_identity, row_audio
 from salmonn.jsonl import dumps_record
 
 from .items import build_prompt, load_dataset_items, load_manifest, load_prompt_file
@@ -224,6 +225,18 @@ def _previous_answers(output: Path, pred_path: Path, config_path: Path, current:
     return done
 
 
+def _refuse_data_among_outputs(output: Path, data: str | None) -> None:
+    """The manifest must not be one of the files this run writes (it would be replaced by answers or results)."""
+    if data is None or not Path(data).is_file():
+        return
+    for name in (PREDICTIONS_FILE, "run_config.json", "results.json", "results.md"):
+        target = output / name
+        if target.exists() and os.path.samefile(target, data):
+            raise ValueError(
+                f"--test_file {data} is {target}, a file salmonn-eval writes in --output_dir; give another --output_dir"
+            )
+
+
 def _stream_items(model, processor, items, generation_kwargs: dict) -> Iterator[dict]:
     """`--stream`: the items one at a time, each answer printed to stderr as it is generated."""
     engine = importlib.import_module("salmonn.inference.engine")
@@ -247,6 +260,8 @@ def run_evaluation(
 ) -> dict[str, Any]:
     scoring = _scoring_options(args, spec)
     run.check()
+    if args.limit is not None and args.limit < 1:  # items[:-1] would silently drop the last item
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     rows = None
     if data_args is not None and data_args.dataset_name is not None:
         items, rows = load_dataset_items(data_args, spec)
@@ -266,7 +281,7 @@ def run_evaluation(
             raise ValueError("--stream needs --engine transformers")
         generation_kwargs["num_beams"] = 1
     settings = {
-        "model": run.model_name_or_path,
+        "model": model_identity(run.model_name_or_path),
         "data": str(data_args.test_file) if rows is None else f"{data_args.dataset_name}[{data_args.eval_split_name}]",
         "prompt_source": "--prompt" if args.prompt else (args.prompt_file or "salmonn-eval defaults"),
         "generation_kwargs": generation_kwargs or "model generation_config",
@@ -283,6 +298,7 @@ def run_evaluation(
     config_path = output / "run_config.json"
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output_dir {output} is a file, not a folder")
+    _refuse_data_among_outputs(output, data_args.test_file if data_args is not None else None)
     done: set[str] = set()
     if pred_path.exists() and not run.overwrite_output_dir:
         done = _previous_answers(output, pred_path, config_path, {"task": spec.name, **settings}, items, prompts)

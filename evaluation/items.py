@@ -21,7 +21,8 @@ AUDIO_MARKER = "<Speech><SpeechHere></Speech>"
 
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
-        raise ValueError(f"--test_file {path}: file not found")
+        what = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is not a regular file"
+        raise ValueError(f"--test_file {path} {what}; give a JSONL, CSV, TSV or JSON manifest file")
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8-sig")
     if suffix == ".jsonl":

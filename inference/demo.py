@@ -75,9 +75,26 @@ def build_demo_folder(save_dir: Path, seed: int) -> bool:
         return False
 
 
+def check_save_dir(save_dir: Path) -> None:
+    """`--save_dir` is written over: it must be new, empty, or a folder an earlier salmonn-demo saved (never a user's)."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ValueError(f"--save_dir {str(save_dir)!r} is a file, not a folder")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (save_dir / "demo_build.json").is_file():
+        raise ValueError(
+            f"--save_dir {str(save_dir)!r} is not empty and was not written by salmonn-demo; its files would be "
+            "replaced: give a new or empty folder"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    if args.save_dir and args.model is None:
+        try:
+            check_save_dir(Path(args.save_dir))
+        except ValueError as err:
+            logger.error("%s", err)
+            return 2
 
     from transformers import AutoModel, AutoProcessor
 

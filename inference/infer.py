@@ -30,8 +30,8 @@ from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
 from salmonn.jsonl import split_jsonl
 
-from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine
-from .output import OutputWriteError, JsonlWriter, check_resumable, lock_output, read_records
+from .options import DEFAULT_PROMPT, PREDICTIONS_FILE, DatasetArguments, DatasetPromptItems, RunArguments, load_for_engine, model_identity
+from .output import OutputWriteError, JsonlWriter, check_overwritable, check_resumable, lock_output, read_records
 
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class InferArguments:
         default=None,
         metadata={
             "help": f"The older spelling of --output_dir for a file: the JSONL file itself (--output_dir D writes "
-            f"D/{PREDICTIONS_FILE}). Without either, the records go to stdout."
+            f"D/{PREDICTIONS_FILE}). Without either, or with '-', the records go to stdout."
         },
     )
 
@@ -144,6 +144,8 @@ def _read_manifest(path: Path, default_prompt: str) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"manifest {str(path)!r}: cannot read it: {err}") from err
 
+    if not rows:
+        raise ValueError(f"manifest {str(path)!r} holds no items")
     items = []
     for number, row in rows:
         audio = row.get("audio") or row.get("path")  # `path`: the older name of the field
@@ -212,6 +214,10 @@ def expand_inputs(inputs: list[str], default_prompt: str) -> list[dict]:
                     items.extend(_read_manifest(p, default_prompt))
                 else:
                     add_file(p, str(p))
+        elif path.is_symlink():
+            from modeling_salmonn.feature_extraction_salmonn import why_missing
+
+            raise ValueError(f"INPUT {given!r} {why_missing(path)}")
         else:
             raise ValueError(f"INPUT {given!r}: no such file or folder, and not a glob")
 
@@ -288,6 +294,8 @@ def output_path(args: RunArguments, infer_args: InferArguments) -> Path | None:
     """The JSONL file: `--output_dir`/predictions.jsonl, or the file `--output` names, or None for stdout."""
     if args.output_dir is not None and infer_args.output is not None:
         raise ValueError("give --output_dir (a folder) or --output (a file), not both")
+    if infer_args.output == "-":  # the usual spelling of stdout, not a file named '-'
+        return None
     if infer_args.output is not None:
         return Path(infer_args.output)
     if args.output_dir is None:
@@ -319,6 +327,9 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
             if generation_kwargs.get("num_beams", 1) != 1:
                 raise ValueError("--stream cannot be used with --num_beams > 1 (transformers cannot stream beam search)")
             generation_kwargs["num_beams"] = 1
+        if output is not None and args.overwrite_output_dir:
+            sources = [] if isinstance(items, DatasetPromptItems) else [item["audio"] for item in items]
+            check_overwritable(output, inputs + sources)
         output_lock = lock_output(output) if output is not None else None
     except (ValueError, OSError) as err:
         logger.error("%s", err)
@@ -331,7 +342,7 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
 
 
 def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, generation_kwargs: dict, output: Path | None) -> int:
-    run = {"model": args.model_name_or_path, "settings": args.settings()}
+    run = {"model": model_identity(args.model_name_or_path), "settings": args.settings()}
     done_ids: set[str] = set()
     if output is not None and not args.overwrite_output_dir:
         try:

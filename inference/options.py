@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -24,6 +25,17 @@ QUANTIZE_CHOICES = ("int8", "8bit", "4bit")
 DEFAULT_PROMPT = "Please describe the audio in detail."
 # The file of answers inside --output_dir (salmonn-infer's and salmonn-eval's).
 PREDICTIONS_FILE = "predictions.jsonl"
+# The widest beam `generate` accepts (modeling_salmonn/generation_salmonn.py's MAX_BEAMS): refused before loading.
+MAX_BEAMS = 256
+
+
+def model_identity(name_or_path: str) -> str:
+    """
+    The model as recorded with its answers and compared on resume: a local folder by its absolute path (so that
+    `demo`, `./demo` and `/abs/demo` agree, and `demo` run from another folder does not), a Hub id as given.
+    """
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 @dataclass
@@ -128,12 +140,14 @@ class RunArguments:
             if value is not None:
                 if value < 1:
                     raise ValueError(f"--{name} must be at least 1, got {value}")
+                if name == "num_beams" and value > MAX_BEAMS:
+                    raise ValueError(f"--num_beams must be at most {MAX_BEAMS} (each beam holds its own cache), got {value}")
                 kwargs[name] = value
         if self.do_sample:
             kwargs["do_sample"] = True
         if self.temperature is not None:
-            if not self.temperature > 0:
-                raise ValueError(f"--temperature must be positive, got {self.temperature}")
+            if not 0 < self.temperature < float("inf"):
+                raise ValueError(f"--temperature must be a positive finite number, got {self.temperature}")
             kwargs["temperature"] = self.temperature
         if self.top_p is not None:
             if not 0 < self.top_p <= 1:
@@ -147,6 +161,8 @@ class RunArguments:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.max_audio_seconds is not None and not self.max_audio_seconds > 0:
             raise ValueError(f"--max_audio_seconds must be positive, got {self.max_audio_seconds}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be from 0 to 2**32 - 1 (numpy's range), got {self.seed}")
         if (self.temperature is not None or self.top_p is not None) and not self.do_sample:
             logger.warning("--temperature and --top_p only act with --do_sample")
         if self.engine == "vllm":

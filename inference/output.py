@@ -94,6 +94,43 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def check_overwritable(path: Path, inputs: list[str]) -> None:
+    """
+    `--overwrite_output_dir` replaces only salmonn-infer's own output: a file that is one of the run's inputs (an
+    audio file or manifest, also through a symlink or hard link) or that does not start with a salmonn-infer record
+    (a WAV, notes, a manifest) is refused before anything is opened for writing.
+    """
+    check_output_path(path)
+    if not path.exists():
+        return
+    target = path.stat()
+    for given in inputs:
+        try:
+            source = os.stat(given)
+        except OSError:
+            continue
+        if (source.st_dev, source.st_ino) == (target.st_dev, target.st_ino):
+            raise ValueError(
+                f"--output {str(path)!r} is the input {given!r} of this run; --overwrite_output_dir would destroy it: "
+                "give another --output"
+            )
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    if first and not (first.startswith(_RECORD_PREFIX) and (not first.endswith(b"\n") or _is_own_record(_loads(first)))):
+        raise ValueError(
+            f"--output {str(path)!r} was not written by salmonn-infer (its first line is not a record); "
+            "--overwrite_output_dir replaces only salmonn-infer's own output: give another --output, or remove the file "
+            "yourself"
+        )
+
+
+def _loads(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def read_done_ids(path: Path) -> set[str]:
     """Ids answered in an output file (see `read_records`); items whose latest record is an error are not done."""
     return {key for key, record in read_records(path).items() if "answer" in record}

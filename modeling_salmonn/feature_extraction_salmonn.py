@@ -349,12 +349,12 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         max_audio_seconds: float | None = 600.0,
         **kwargs,
     ):
-        kwargs.setdefault("return_attention_mask", False)
-        super().__init__(
-            feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
-        )
         name = self.__class__.__name__
-        for key, value in (("sampling_rate", sampling_rate), ("hop_length", hop_length), ("chunk_length", chunk_length), ("n_fft", n_fft)):
+        # Checked before the parent builds its mel filters, which fail deep in numpy on a float size such as 80.0.
+        for key, value in (
+            ("sampling_rate", sampling_rate), ("hop_length", hop_length), ("chunk_length", chunk_length), ("n_fft", n_fft),
+            ("feature_size", feature_size), ("beats_num_mel_bins", beats_num_mel_bins),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: `{key}` must be a positive integer, got {value!r}")
         # Whisper's encoder reads exactly 3000 frames of 30 s (its 1500 positions) and BEATs' patches tile 128 mel bins
@@ -370,6 +370,10 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
             if value not in expected:
                 want = " or ".join(str(v) for v in expected)
                 raise ValueError(f"{name}: `{key}` must be {want} (what Whisper and BEATs read), got {value!r}")
+        kwargs.setdefault("return_attention_mask", False)
+        super().__init__(
+            feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs
+        )
         for key, value in (("fbank_mean", fbank_mean), ("fbank_std", fbank_std)):
             if not _is_finite_number(value) or (key == "fbank_std" and value <= 0):
                 kind = "a positive finite number" if key == "fbank_std" else "a finite number"

@@ -1370,3 +1370,206 @@ def test_r2_case11_symlink_loop_is_named(tiny, r2_release, caplog, tmp_path):
     checkpoint.unlink()
     checkpoint.symlink_to(checkpoint)
     assert f"SALMONN checkpoint {checkpoint} is a symlink loop" in _r2_convert_fails(r2_release, caplog)
+
+
+# -- QA pass on issues 19/20: salmonn-infer --overwrite_output_dir never replaces an input or a file not its own ------
+
+
+@pytest.mark.parametrize("target", ["the audio", "the manifest", "a symlink to another wav", "notes"])
+def test_qa_infer_overwrite_refuses_an_input_or_a_file_not_its_own(tmp_path, caplog, target):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    other = _wav(tmp_path / "other.wav", 0.5)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"audio": "clip.wav", "id": "u0"}) + "\n")
+    (tmp_path / "link.wav").symlink_to(other)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    output, inputs, message = {
+        "the audio": (clip, [str(clip)], f"--output {str(clip)!r} is the input {str(clip)!r} of this run"),
+        "the manifest": (manifest, [str(manifest)], f"--output {str(manifest)!r} is the input {str(manifest)!r}"),
+        "a symlink to another wav": (tmp_path / "link.wav", [str(clip)], "was not written by salmonn-infer (its first line"),
+        "notes": (tmp_path / "notes.txt", [str(clip)], "replaces only salmonn-infer's own output"),
+    }[target]
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with caplog.at_level(logging.ERROR):
+        code = main(["--model", str(tmp_path / "no-model"), "--output", str(output), "--overwrite", "--no-progress", *inputs])
+    assert code == 2 and message in caplog.text
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "-1"], "--seed must be from 0 to 2**32 - 1 (numpy's range), got -1"),
+        (["--seed", str(2**32)], f"--seed must be from 0 to 2**32 - 1 (numpy's range), got {2**32}"),
+        (["--num_beams", "257"], "--num_beams must be at most 256 (each beam holds its own cache), got 257"),
+        (["--do_sample", "--temperature", "inf"], "--temperature must be a positive finite number, got inf"),
+    ],
+)
+def test_qa_infer_numeric_flags_out_of_range_are_refused_before_loading(tmp_path, caplog, flags, message):
+    output = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output, *flags) == 2
+    assert message in caplog.text and not output.exists()
+
+
+def test_qa_infer_records_a_local_model_by_its_absolute_path(tmp_path, caplog, monkeypatch):
+    from salmonn.inference.infer import main
+
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "elsewhere" / "model").mkdir(parents=True)
+    output = tmp_path / "out.jsonl"
+    settings = {"generation": {}, "lora_scaling": None, "engine": "transformers"}
+    record = {"id": str(clip), "audio": str(clip), "prompt": "Please describe the audio in detail.", "answer": "a tone"}
+    content = json.dumps({**record, "model": str((tmp_path / "model").resolve()), "settings": settings}) + "\n"
+    output.write_text(content)
+    monkeypatch.chdir(tmp_path)
+    # The same folder spelled relatively resumes (nothing left to answer, nothing loaded) ...
+    assert main(["--model", "./model/", "--output", str(output), "--no-progress", str(clip)]) == 0
+    # ... and `model` from another folder is another model: refused, not mixed.
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", "model", "--output", str(output), "--no-progress", str(clip)]) == 2
+    assert f"not {str((tmp_path / 'elsewhere' / 'model').resolve())!r}; mixing them would be silent" in caplog.text
+    assert output.read_text() == content
+
+
+@pytest.mark.parametrize("name", ["predictions.jsonl", "results.json"])
+def test_qa_eval_refuses_a_manifest_that_is_one_of_its_output_files(tmp_path, capsys, name):
+    from salmonn.evaluation.evaluate import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = out / name
+    row = {"id": "u0", "audio": "u0.wav", "text": "hello"}
+    manifest.write_text(json.dumps(row if name.endswith(".jsonl") else [row]) + "\n")  # results.json: a JSON list
+    before = manifest.read_bytes()
+    argv = ["--model_name_or_path", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out) + "/"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--overwrite_output_dir", "--disable_tqdm"])
+    assert exit_info.value.code == 2
+    assert f"--test_file {manifest} is {out / name}, a file salmonn-eval writes in --output_dir" in capsys.readouterr().err
+    assert manifest.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_qa_empty_manifest_and_a_folder_named_as_manifest_are_named(tmp_path, caplog, capsys):
+    from salmonn.evaluation.evaluate import main as eval_main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\xef\xbb\xbf\r\n\n")
+    output = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.ERROR):
+        assert _infer(tmp_path, output, "--test_file", str(empty)) == 2
+    assert f"manifest {str(empty)!r} holds no items" in caplog.text and not output.exists()
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        eval_main(["--model", "m", "--task", "asr", "--test_file", str(folder), "--output_dir", str(tmp_path / "ev")])
+    assert f"--test_file {folder} is a folder; give a JSONL, CSV, TSV or JSON manifest file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_train_epochs", "0"], "--num_train_epochs must be a positive finite number, got 0.0"),
+        (["--num_train_epochs", "nan"], "--num_train_epochs must be a positive finite number, got nan"),
+        (["--max_steps", "0"], "--max_steps must be positive (or -1 to train for --num_train_epochs), got 0"),
+        (["--max_steps", "1", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    ],
+)
+def test_qa_train_length_of_no_step_is_refused_before_loading(tmp_path, capsys, flags, message):
+    from salmonn.training.train import main
+
+    setup = {"base": tmp_path / "no-model", "manifest": tmp_path / "no-data.jsonl"}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(setup, out, *flags))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_qa_convert_max_shard_size_zero_is_refused(tmp_path, caplog):
+    from salmonn.conversion.convert_salmonn import main
+    from tests.utils import fixture_a_convert_args
+
+    output = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(fixture_a_convert_args(output, "--max-shard-size", "0")) != 0
+    assert "--max-shard-size '0': must be positive (0 would write one file per tensor)" in caplog.text
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value", [("feature_size", 80.0), ("beats_num_mel_bins", 128.0), ("sampling_rate", True), ("n_fft", "400")]
+)
+def test_qa_processor_config_sizes_of_another_type_are_named_at_load(saved, tmp_path, key, value):
+    from transformers import AutoProcessor
+
+    def edit(config):
+        config["feature_extractor"][key] = value
+
+    folder = _edited_copy(saved, tmp_path, edit, "processor_config.json")
+    with pytest.raises(ValueError, match=re_escape(f"`{key}` must be a positive integer, got {value!r}")):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_qa_infer_output_dash_is_stdout_not_a_file(tmp_path, monkeypatch):
+    from salmonn.inference.infer import output_path, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args, infer_args, _, _, _ = build_parser().parse_args_into_dataclasses(
+        args=["--model", "m", "--output", "-"], return_remaining_strings=True, look_for_args_file=False
+    )
+    assert output_path(args, infer_args) is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_qa_eval_limit_below_one_is_refused_before_writing(tmp_path, capsys, limit):
+    from salmonn.evaluation.evaluate import main
+
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": f"u{i}.wav", "text": "hi"}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "--task", "asr", "--test_file", str(manifest), "--output_dir", str(out), "--limit", limit])
+    assert exit_info.value.code == 2 and f"--limit must be at least 1, got {limit}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--max_train_samples", "--max_eval_samples"])
+def test_qa_train_sample_limits_below_one_are_refused(tmp_path, capsys, flag):
+    from salmonn.training.train import main
+
+    setup = {"base": tmp_path / "no-model", "manifest": tmp_path / "no-data.jsonl"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(_train_args(setup, tmp_path / "out", "--max_steps", "1", flag, "-1"))
+    assert exit_info.value.code == 2 and f"{flag} must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_qa_infer_input_symlink_loop_and_broken_symlink_are_named(tmp_path, caplog):
+    from salmonn.inference.infer import main
+
+    loop, broken = tmp_path / "loop.wav", tmp_path / "broken.wav"
+    loop.symlink_to(loop)
+    broken.symlink_to(tmp_path / "gone.wav")
+    for given, message in [(loop, "is a symlink loop (it resolves to itself)"), (broken, "is a broken symlink (to ")]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o.jsonl"), str(given)]) == 2
+        assert f"INPUT {str(given)!r} {message}" in caplog.text and not (tmp_path / "o.jsonl").exists()
+
+
+def test_qa_demo_save_dir_never_replaces_a_users_files(tmp_path, caplog):
+    from salmonn.inference.demo import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("my own config\n")
+    clip = _wav(tmp_path / "clip.wav", 1.0)
+    with caplog.at_level(logging.ERROR):
+        assert main(["--save_dir", str(folder)]) == 2
+        assert main(["--save_dir", str(clip)]) == 2
+    assert f"--save_dir {str(folder)!r} is not empty and was not written by salmonn-demo" in caplog.text
+    assert f"--save_dir {str(clip)!r} is a file, not a folder" in caplog.text
+    assert [p.name for p in folder.iterdir()] == ["config.json"] and (folder / "config.json").read_text() == "my own config\n"

@@ -325,7 +325,27 @@ def parse_arguments(argv: list[str] | None = None):
         parser.error("give the training data with --train_file or --dataset_name")
     if salmonn_args.stage == "activation" and data_args.train_file is None and data_args.dataset_name is None and salmonn_args.activation_stories_file is None:
         parser.error("--stage activation needs clips (--train_file / --dataset_name) or --activation_stories_file")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:  # items[:-1] would silently drop the last item
+            parser.error(f"--{flag} must be at least 1, got {value}")
+    length_error = training_length_error(training_args)
+    if length_error is not None:
+        parser.error(length_error)
     return model_args, data_args, salmonn_args, training_args
+
+
+def training_length_error(training_args) -> str | None:
+    """A run that would take no step (saving the untouched base model as if trained) or divide by zero, refused early."""
+    if training_args.gradient_accumulation_steps < 1:
+        return f"--gradient_accumulation_steps must be at least 1, got {training_args.gradient_accumulation_steps}"
+    if training_args.max_steps > 0:
+        return None
+    if training_args.max_steps != -1:
+        return f"--max_steps must be positive (or -1 to train for --num_train_epochs), got {training_args.max_steps}"
+    if not 0 < training_args.num_train_epochs < float("inf"):
+        return f"--num_train_epochs must be a positive finite number, got {training_args.num_train_epochs}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------
