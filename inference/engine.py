@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_salmonn.integrations_salmonn import NOT_QUANTIZED_MODULES
+from modeling_salmonn.integrations_salmonn import MAX_LORA_SCALING, NOT_QUANTIZED_MODULES
 from salmonn.audio import TARGET_SAMPLING_RATE, read_upload
 
 
@@ -271,8 +271,8 @@ def build_inputs(model, processor, prepared: list[PreparedItem]):
 
 
 def check_lora_scaling(value: float | None) -> float | None:
-    if value is not None and (not math.isfinite(value) or value < 0):
-        raise ValueError(f"The LoRA scaling (lora_scaling) must be a finite non-negative number, got {value!r}")
+    if value is not None and (not math.isfinite(value) or not 0 <= value <= MAX_LORA_SCALING):
+        raise ValueError(f"The LoRA scaling (lora_scaling) must be a number from 0 to {MAX_LORA_SCALING:g}, got {value!r}")
     return value
 
 

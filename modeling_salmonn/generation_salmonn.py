@@ -5,6 +5,10 @@ beam search repeats the rows), with the checks that keep a request from failing 
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from transformers import GenerationConfig, GenerationMixin
 from transformers.utils import logging
@@ -33,6 +37,45 @@ def original_generation_config(config: SalmonnConfig) -> GenerationConfig:
         repetition_penalty=1.0,
         length_penalty=1.0,
     )
+
+
+def check_generation_config_file(folder: str | os.PathLike) -> None:
+    """
+    Refuses a local `generation_config.json` that transformers cannot read, naming the file and the key: a value of
+    the wrong type (`"max_new_tokens": "abc"`) otherwise ends in a `TypeError` deep inside `GenerationConfig.validate`.
+    """
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of generation settings, got {type(values).__name__}")
+    # Unset settings are None in the config; their effective defaults (transformers >= 5.2x) tell the expected kind.
+    effective = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    defaults = {**vars(GenerationConfig()), **{key: value for key, value in effective.items() if value is not None}}
+    for key, value in values.items():
+        default = defaults.get(key)
+        # A setting whose default is a number takes a number (an int is a float too, a bool is neither); flags and
+        # settings defaulting to None are left to GenerationConfig's own checks below (`early_stopping` may be "never").
+        if value is None or isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        expected = (int,) if isinstance(default, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            kind = "an integer" if expected == (int,) else "a number"
+            raise ValueError(f"{path}: {key!r} = {value!r} is not a valid generation setting (expected {kind})")
+    try:
+        GenerationConfig.from_dict(dict(values))
+    except (TypeError, ValueError) as err:
+        # Each setting on its own finds the one at fault (a combination of valid values fails only as a whole).
+        for key, value in values.items():
+            try:
+                GenerationConfig.from_dict({key: value})
+            except (TypeError, ValueError) as key_err:
+                raise ValueError(f"{path}: {key!r} = {value!r} is not a valid generation setting ({key_err})") from None
+        raise ValueError(f"{path} holds generation settings that do not go together ({err})") from None
 
 
 class SalmonnGenerationMixin(GenerationMixin):
@@ -129,4 +172,4 @@ class SalmonnGenerationMixin(GenerationMixin):
             return super().generate(input_ids, **kwargs)
 
 
-__all__ = ["AUDIO_INPUT_NAMES", "SalmonnGenerationMixin", "original_generation_config"]
+__all__ = ["AUDIO_INPUT_NAMES", "SalmonnGenerationMixin", "check_generation_config_file", "original_generation_config"]

@@ -23,6 +23,9 @@ from .configuration_salmonn import SALMONN_ADAPTER_MODULES
 logger = logging.get_logger(__name__)
 
 
+# The largest LoRA scaling accepted: far above any alpha / r in use (the release's is 4.0; the paper discounts it), but
+# below the values at which the LoRA term swamps the base weights and the model answers nothing, silently.
+MAX_LORA_SCALING = 1000.0
 # SALMONN injects its LoRA into the language model under peft's default adapter name.
 SALMONN_ADAPTER_NAME = "default"
 # What SALMONN training changes besides the LoRA: the audio adapter. Its modules are saved by peft as
@@ -332,8 +335,8 @@ class SalmonnLoraMixin:
 
     def set_lora_scaling(self, value: float) -> float:
         """Sets the LoRA scaling factor of every LoRA layer in place and returns the previous value."""
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"`set_lora_scaling` expects a finite non-negative number, got {value!r}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_LORA_SCALING:
+            raise ValueError(f"`set_lora_scaling` expects a number from 0 to {MAX_LORA_SCALING:g}, got {value!r}")
         previous = self.lora_scaling
         for layer in self._lora_layers():
             for adapter in layer.scaling:

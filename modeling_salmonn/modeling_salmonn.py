@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .integrations_salmonn import SalmonnLoraMixin, quantize_language_model_only
 from .configuration_salmonn import SALMONN_ADAPTER_MODULES, SalmonnConfig
 from .feature_extraction_salmonn import check_audio_inputs
-from .generation_salmonn import SalmonnGenerationMixin, original_generation_config
+from .generation_salmonn import SalmonnGenerationMixin, check_generation_config_file, original_generation_config
 from .modelcard_salmonn import SalmonnHubMixin
 from .modeling_beats import BeatsModel
 
@@ -440,6 +441,8 @@ class SalmonnForConditionalGeneration(SalmonnPreTrainedModel, SalmonnLoraMixin, 
         # A user's `quantization_config` would quantize every linear layer (Whisper, BEATs, the Q-Former); SALMONN
         # quantizes the language model only. transformers copies the config before `__init__`, so it is done here.
         quantize_language_model_only(kwargs.get("quantization_config"))
+        if args and isinstance(args[0], (str, os.PathLike)) and os.path.isdir(args[0]):
+            check_generation_config_file(args[0])
         with warnings.catch_warnings():
             # A device map that splits `SalmonnModel` lists its bare parameter `speech_query_tokens` by name (as
             # BLIP-2's `query_tokens`), which accelerate's `check_device_map` reports as "no submodule" although it

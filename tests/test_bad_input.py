@@ -1573,3 +1573,44 @@ def test_qa_demo_save_dir_never_replaces_a_users_files(tmp_path, caplog):
     assert f"--save_dir {str(folder)!r} is not empty and was not written by salmonn-demo" in caplog.text
     assert f"--save_dir {str(clip)!r} is a file, not a folder" in caplog.text
     assert [p.name for p in folder.iterdir()] == ["config.json"] and (folder / "config.json").read_text() == "my own config\n"
+
+
+# -- generation config types and the LoRA scaling bound (lead's pass) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value", [("max_new_tokens", "abc"), ("num_beams", [4]), ("temperature", {"t": 1})]
+)
+def test_generation_config_value_of_the_wrong_type_is_named_at_load(saved, tmp_path, key, value):
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    folder = _edited_copy(saved, tmp_path, lambda config: config.update({key: value}), name="generation_config.json")
+    with pytest.raises(ValueError) as error:
+        SalmonnForConditionalGeneration.from_pretrained(folder)
+    assert f"{folder / 'generation_config.json'}: {key!r} = {value!r} is not a valid generation setting" in str(error.value)
+
+
+def test_generation_config_that_is_not_json_is_named_at_load(saved, tmp_path):
+    import shutil
+
+    from modeling_salmonn.modeling_salmonn import SalmonnForConditionalGeneration
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved, folder)
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"generation_config\.json is not valid JSON"):
+        SalmonnForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("value", [1e30, 1000.5, -0.5])
+def test_lora_scaling_outside_0_to_1000_is_refused(tiny, value):
+    from salmonn.inference.engine import check_lora_scaling
+
+    model, _ = tiny
+    before = model.lora_scaling
+    with pytest.raises(ValueError, match=r"`set_lora_scaling` expects a number from 0 to 1000"):
+        model.set_lora_scaling(value)
+    with pytest.raises(ValueError, match=r"lora_scaling\) must be a number from 0 to 1000"):
+        check_lora_scaling(value)
+    assert model.lora_scaling == before
+    assert check_lora_scaling(1000.0) == 1000.0
