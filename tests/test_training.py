@@ -111,7 +111,8 @@ def test_transformers_flag_names_and_the_old_spellings_as_aliases(tmp_path):
     base = ["--stage", "pretrain", "--model_name_or_path", "m", "--train_file", "t.json", "--output_dir", str(tmp_path)]
     new = parse_arguments([*base, "--dtype", "bfloat16", "--train_split_name", "dev", "--audio_column_name", "wav",
                            "--text_column_name", "sentence", "--overwrite_output_dir", "--disable_tqdm", "true"])
-    old = parse_arguments([*base, "--model_dtype", "bfloat16", "--train_split", "dev", "--audio_column", "wav",
+    old_base = [*base[:2], "--model", *base[3:]]  # --model, as salmonn-infer, -eval, -web and -demo take it
+    old = parse_arguments([*old_base, "--model_dtype", "bfloat16", "--train_split", "dev", "--audio_column", "wav",
                            "--text_column", "sentence", "--overwrite_output_dir", "--disable_tqdm", "true"])
     assert new[0] == old[0] and new[1] == old[1] and new[2] == old[2]
     model_args, data_args, salmonn_args, args = new

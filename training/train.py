@@ -44,7 +44,10 @@ ADAPTER_DIR = "adapter"
 class ModelArguments:
     model_name_or_path: str = field(
         default=None,
-        metadata={"help": "A converted or previously trained SALMONN folder or Hub id (loaded with trust_remote_code)."},
+        metadata={
+            "aliases": ["--model"],
+            "help": "A converted or previously trained SALMONN folder or Hub id (loaded with trust_remote_code).",
+        },
     )
     dtype: str = field(
         default="float32",
