@@ -17,8 +17,9 @@ _BLOCK = 1 << 20
 def audio_hash(paths: Sequence[str]) -> str | None:
     """
     blake2b of the bytes of the audio files (several for a joined `expand_wav` item), read in 1 MiB blocks: a
-    10-minute 16 kHz WAV (19 MB) takes about 20 ms once cached, a copy elsewhere hashes the same and a file rewritten with the
-    same size and time does not. None when a file cannot be read (its item fails as it is answered).
+    10-minute 16 kHz WAV (19 MB) takes about 20 ms once cached, a copy elsewhere hashes the same and a file
+    rewritten with the same size and time does not. None when a file cannot be read (its item fails as it is
+    answered).
     """
     digest = hashlib.blake2b(digest_size=16)
     try:
