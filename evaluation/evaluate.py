@@ -11,8 +11,8 @@ with `audio` (or `path`; relative to the manifest allowed), `text` (or `referenc
 appended after 0.1 s of silence, as the original does for speaker verification).
 
 The output folder gets `predictions.jsonl` (one line per item, appended as answers arrive, so an interrupted run
-resumes where it stopped; failed items are tried again, and answers made with another model, prompt, decoding
-settings or data are refused), `run_config.json` (once the run goes ahead), `results.json` and `results.md`
+resumes where it stopped; failed items are tried again, an item whose audio file was replaced since (another
+`audio_hash`) is answered again, and answers made with another model, prompt, decoding settings or data are refused), `run_config.json` (once the run goes ahead), `results.json` and `results.md`
 (written once complete). Decoding uses the model's generation config (the original settings: beam 4, 200 new
 tokens) unless the decoding flags, shared with salmonn-infer, say otherwise.
 """
@@ -33,6 +33,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from salmonn.audio import TARGET_SAMPLING_RATE, join_with_silence, load_mono_16k
+from salmonn.audio_hash import AUDIO_HASH_KEY, AudioHashes
 from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
 from salmonn.inference.options import PREDICTIONS_FILE, DatasetArguments, RunArguments, load_for_engine, model_identity, row_audio
@@ -154,13 +155,15 @@ def _model_items(items: list[dict], prompts: dict[str, str], on_error, rows=None
             yield {"id": item["id"], "audio": item["audio"], "prompt": prompts[item["id"]]}
 
 
-def _record(item: dict, prompt: str, hypothesis: str | None, **extra) -> dict:
+def _record(item: dict, prompt: str, hypothesis: str | None, hashes: AudioHashes, **extra) -> dict:
     record = {"id": item["id"], "prompt": prompt, "reference": item["reference"], "hypothesis": hypothesis}
     for key in ("Q", "transcript"):
         if item.get(key):
             record[key] = item[key]
     record["audio"] = item["audio_name"]
     record["data"] = item_identity(item)
+    if "_row" not in item:  # a dataset row is known by its dataset, split and index only
+        record[AUDIO_HASH_KEY] = hashes(_audio_files(item))
     record.update(extra)
     return record
 
@@ -190,12 +193,21 @@ def item_identity(item: dict) -> str:
     return hashlib.sha256(json.dumps(content, ensure_ascii=True).encode("ascii")).hexdigest()[:16]
 
 
+def _audio_files(item: dict) -> list[str]:
+    return [item["audio"], *item["expand_wav"]]
+
+
 # What run_config.json keys a resumed run must share with the run that made the predictions.
 RESUME_KEYS = ("task", "model", "generation_kwargs", "lora_scaling", "engine", "seed")
 
 
-def _previous_answers(output: Path, pred_path: Path, config_path: Path, current: dict, items, prompts) -> set[str]:
-    """Ids answered by an earlier run of the same settings on the same data; anything else is refused."""
+def _previous_answers(
+    output: Path, pred_path: Path, config_path: Path, current: dict, items, prompts, hashes: AudioHashes
+) -> set[str]:
+    """
+    Ids answered by an earlier run of the same settings on the same data; anything else is refused, but for audio
+    files replaced under the same name: their items are answered again.
+    """
     way_out = "use another --output_dir, or --overwrite_output_dir to start afresh"
     previous = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     for key in RESUME_KEYS:
@@ -205,7 +217,7 @@ def _previous_answers(output: Path, pred_path: Path, config_path: Path, current:
                 f"{way_out}"
             )
     latest = latest_by_id(read_predictions(pred_path, repair_tail=True))
-    done = set()
+    done, changed = set(), []
     for item in items:
         record = latest.get(item["id"])
         if record is None or record.get("hypothesis") is None:
@@ -220,7 +232,15 @@ def _previous_answers(output: Path, pred_path: Path, config_path: Path, current:
                 f"--output_dir {output}: item {item['id']!r} was answered for other data (another audio file, "
                 f"reference or question under the same id); {way_out}"
             )
+        if "_row" not in item and hashes.changed(record, _audio_files(item)):
+            changed.append(item["id"])
+            continue
         done.add(item["id"])
+    if changed:
+        logger.warning(
+            "%d answered items have other audio content now (the file was replaced); answering them again: %s",
+            len(changed), ", ".join(changed[:10]),
+        )
     logger.info("resuming: %d of %d items already answered in %s", len(done), len(items), pred_path)
     return done
 
@@ -300,8 +320,9 @@ def run_evaluation(
         raise ValueError(f"--output_dir {output} is a file, not a folder")
     _refuse_data_among_outputs(output, data_args.test_file if data_args is not None else None)
     done: set[str] = set()
+    hashes = AudioHashes()
     if pred_path.exists() and not run.overwrite_output_dir:
-        done = _previous_answers(output, pred_path, config_path, {"task": spec.name, **settings}, items, prompts)
+        done = _previous_answers(output, pred_path, config_path, {"task": spec.name, **settings}, items, prompts, hashes)
 
     todo = [i for i in items if i["id"] not in done]
     if todo:
@@ -318,12 +339,12 @@ def run_evaluation(
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, json.dumps({"task": spec.name, **settings}, indent=2) + "\n")
     if todo:
-        _answer(run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done)
+        _answer(run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done, hashes)
 
     latest = latest_by_id(read_predictions(pred_path))
     records = []
     for item in items:
-        record = dict(latest.get(item["id"]) or _record(item, prompts[item["id"]], None, error="no prediction"))
+        record = dict(latest.get(item["id"]) or _record(item, prompts[item["id"]], None, hashes, error="no prediction"))
         record["reference"] = item["reference"]
         records.append(record)
     results = evaluate_records(spec, records, settings=settings, **scoring)
@@ -331,7 +352,9 @@ def run_evaluation(
     return results
 
 
-def _answer(run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done) -> None:
+def _answer(
+    run, model, processor, sampling_params, generation_kwargs, items, todo, prompts, rows, pred_path, done, hashes
+) -> None:
     """Answers `todo` into predictions.jsonl, a resumable log: one complete line per answer, flushed as it arrives."""
     by_id = {i["id"]: i for i in items}
     with open(pred_path, "w" if run.overwrite_output_dir else "a", encoding="utf-8") as log:
@@ -342,7 +365,7 @@ def _answer(run, model, processor, sampling_params, generation_kwargs, items, to
 
         def on_error(item: dict, message: str) -> None:
             logger.error("item %s: %s", item["id"], message)
-            write(_record(item, prompts[item["id"]], None, error=message))
+            write(_record(item, prompts[item["id"]], None, hashes, error=message))
 
         model_items = _ModelItems(todo, prompts, on_error, rows)
         if run.engine == "vllm":
@@ -365,7 +388,7 @@ def _answer(run, model, processor, sampling_params, generation_kwargs, items, to
             if "error" in out:
                 on_error(item, out["error"])
             else:
-                write(_record(item, out["prompt"], out["answer"], seconds=out.get("seconds")))
+                write(_record(item, out["prompt"], out["answer"], hashes, seconds=out.get("seconds")))
 
 
 def main(argv: list[str] | None = None) -> int:

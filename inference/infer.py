@@ -5,10 +5,11 @@
 Each INPUT is an audio file, a folder (searched recursively for audio files), a glob (quote it) or a JSONL/CSV
 manifest with the fields `audio`, `prompt` (optional; `--prompt` otherwise), `id` (optional; the audio path
 otherwise) and `text` (optional, the reference). Every item gives one JSON line `{"id", "audio", "prompt", "answer",
-"seconds", "model", "settings"}`, or the same with `"error"` instead of the answer when the item cannot be used,
-written whole and synced at once. Rerunning into the same `--output_dir` skips the items already answered and
-retries the failed ones, so an interrupted run resumes where it stopped; answers made with another model, prompt or
-decoding settings are refused instead of mixed. The exit status is 1 when items failed, 2 on bad arguments.
+"seconds", "model", "settings", "audio_hash"}`, or the same with `"error"` instead of the answer when the item cannot
+be used, written whole and synced at once. Rerunning into the same `--output_dir` skips the items already answered and
+retries the failed ones, so an interrupted run resumes where it stopped; an item whose audio file was replaced since
+(another `audio_hash`) is answered again, and answers made with another model, prompt or decoding settings are
+refused instead of mixed. The exit status is 1 when items failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from salmonn.audio_hash import AUDIO_HASH_KEY, AudioHashes
 from salmonn.cli import setup_logging
 from salmonn.extras import missing_extra_message
 from salmonn.jsonl import split_jsonl
@@ -341,8 +343,23 @@ def _run(args: RunArguments, infer_args: InferArguments, data_args: DatasetArgum
             output_lock.close()
 
 
+def _changed_audio(output: Path, records: dict[str, dict], items: list[dict], hashes: AudioHashes) -> set[str]:
+    """Ids answered for audio that has since changed under the same file name: they are answered again."""
+    changed = {
+        item["id"] for item in items
+        if "answer" in records.get(item["id"], {}) and hashes.changed(records[item["id"]], [item["audio"]])
+    }
+    if changed:
+        logger.warning(
+            "%d answered items have other audio content now (the file was replaced); answering them again into %s: %s",
+            len(changed), output, ", ".join(sorted(changed)[:10]),
+        )
+    return changed
+
+
 def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, generation_kwargs: dict, output: Path | None) -> int:
     run = {"model": model_identity(args.model_name_or_path), "settings": args.settings()}
+    hashes = AudioHashes()
     done_ids: set[str] = set()
     if output is not None and not args.overwrite_output_dir:
         try:
@@ -353,6 +370,8 @@ def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, ge
             logger.error("%s", err)
             return 2
         done_ids = {key for key, record in records.items() if "answer" in record}
+        if not is_dataset:
+            done_ids -= _changed_audio(output, records, items, hashes)
 
     # A dataset is read row by row as it is answered: the engine skips the rows already done.
     todo = items if isinstance(items, DatasetPromptItems) and not args.stream else [item for item in items if item["id"] not in done_ids]
@@ -377,6 +396,7 @@ def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, ge
 
     # The manifests' reference texts go into the records (a dataset's are collected as its rows are read).
     references = items.references if isinstance(items, DatasetPromptItems) else {i["id"]: i["reference"] for i in items if "reference" in i}
+    audio_files = {} if isinstance(items, DatasetPromptItems) else {i["id"]: i["audio"] for i in items}
     writer = JsonlWriter(output, overwrite=args.overwrite_output_dir)
     counts = {"answer": 0, "error": 0}
     start = time.perf_counter()
@@ -395,6 +415,8 @@ def _resume_and_answer(args: RunArguments, infer_args: InferArguments, items, ge
         for record in records:
             if record["id"] in references:
                 record["reference"] = references.pop(record["id"])
+            if record["id"] in audio_files:
+                record[AUDIO_HASH_KEY] = hashes([audio_files[record["id"]]])
             writer.write({**record, **run})
             counts["error" if "error" in record else "answer"] += 1
     except KeyboardInterrupt:

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from salmonn.audio_hash import audio_hash
 from salmonn.evaluation import metrics
 from salmonn.evaluation.evaluate import _load_joined_audio, main
 from salmonn.evaluation.items import build_prompt, load_manifest
-from salmonn.evaluation.results import read_predictions
+from salmonn.evaluation.results import latest_by_id, read_predictions
 from salmonn.evaluation.normalizers import english_normalizer, load_spelling_mapping
 from salmonn.evaluation.tasks import PAPER_TABLE3, TASKS, get_task, score_task
 
@@ -725,6 +726,37 @@ def test_resume_refuses_answers_made_for_another_manifest(tmp_path, monkeypatch,
     assert (out / "predictions.jsonl").read_bytes() == predictions and len(fake.asked) == 3
     assert main([*argv, "--test_file", str(second), "--overwrite_output_dir"]) == 0
     assert [r["reference"] for r in read_predictions(out / "predictions.jsonl")] == [f"other words {i}" for i in range(3)]
+
+
+def test_resume_answers_again_an_audio_file_replaced_under_the_same_name(tmp_path, monkeypatch, caplog):
+    """QA issue 19: the answer to a replaced file was kept (the record named the path only); it is answered again."""
+    data, out = _asr_manifest(tmp_path), tmp_path / "out"
+    for i in range(3):
+        (tmp_path / f"u{i}.wav").write_bytes(b"RIFF" + bytes([i]) * 64)
+    args = ["--model", "m", "--task", "asr", "--data", str(data), "--output", str(out), "--no_progress"]
+    fake = FakeEngine({f"u{i}": h for i, h in enumerate(ASR_HYPS)})
+    monkeypatch.setitem(sys.modules, "salmonn.inference.engine", fake.module())
+    assert main(args) == 0
+    first = read_predictions(out / "predictions.jsonl")
+    assert [r["audio_hash"] for r in first] == [audio_hash([str(tmp_path / f"u{i}.wav")]) for i in range(3)]
+    assert main(args) == 0 and len(fake.asked) == 3  # unchanged: nothing answered again
+
+    (tmp_path / "u2.wav").write_bytes(b"RIFF" + b"\x09" * 64)  # same name and size, other content
+    fake.answers["u2"] = ASR_REFS[2]
+    caplog.clear()
+    assert main(args) == 0
+    assert [i for i, _ in fake.asked[3:]] == ["u2"]
+    assert "1 answered items have other audio content now (the file was replaced)" in caplog.text
+    latest = latest_by_id(read_predictions(out / "predictions.jsonl"))
+    assert latest["u2"]["hypothesis"] == ASR_REFS[2] and latest["u2"]["audio_hash"] != first[2]["audio_hash"]
+    # The new answer is scored, not the old one (whose two errors gave a WER of 2/12).
+    assert json.loads((out / "results.json").read_text())["metrics"]["wer"] == pytest.approx(0.0)
+
+    # Records of earlier versions carry no hash: they are kept as they were kept then.
+    lines = [{k: v for k, v in r.items() if k != "audio_hash"} for r in read_predictions(out / "predictions.jsonl")]
+    _write_jsonl(out / "predictions.jsonl", lines)
+    (tmp_path / "u1.wav").write_bytes(b"RIFF" + b"\x08" * 64)
+    assert main(args) == 0 and len(fake.asked) == 4
 
 
 def test_sampling_flags_and_item_prompts_reach_the_engine(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import soundfile
 import torch
 
+from salmonn.audio_hash import audio_hash
 from salmonn.inference import engine
 from salmonn.inference.infer import main as infer_main
 from tests.utils import FIXTURE_A, fixture_a_convert_args, fixture_golden, randomize_lora, read_wav, save_tiny_checkpoint, tiny_model_and_processor
@@ -512,7 +514,7 @@ def test_cli_folder_glob_manifests_to_stdout(checkpoint, audio_tree, capsys):
     # c.wav is 3 s, over --max-audio-seconds 2.5.
     assert "max_audio_seconds=2.5" in by_id["c1"]["error"] and "max_audio_seconds=2.5" in by_id[str(root / "c.wav")]["error"]
     for r in records:
-        assert set(r) in ({"id", "audio", "prompt", "answer", "seconds", "model", "settings"}, {"id", "audio", "prompt", "error", "model", "settings"})
+        assert set(r) in ({"id", "audio", "prompt", "answer", "seconds", "model", "settings", "audio_hash"}, {"id", "audio", "prompt", "error", "model", "settings", "audio_hash"})
         assert r["model"] == str(checkpoint)
         assert r["settings"] == {"generation": {"num_beams": 1, "max_new_tokens": 4}, "lora_scaling": None, "engine": "transformers"}
     # The CLI's batched answer equals the engine's answer for the item alone.
@@ -557,6 +559,36 @@ def test_cli_resumes_after_an_interruption(checkpoint, audio_tree, tmp_path, mon
     assert infer_main(argv) == 1 and [r["id"] for r in _lines(output.read_text())] == ids + broken
     assert infer_main(argv + ["--overwrite"]) == 1
     assert [r["id"] for r in _lines(output.read_text())] == first_ids + ["c1", "c2"]
+
+
+def test_cli_resume_answers_again_an_audio_file_replaced_under_the_same_name(checkpoint, tmp_path, caplog):
+    """QA issue 19: the answer to a replaced file was kept on resume; it is answered again, unchanged ones skipped."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    soundfile.write(clips / "a.wav", clip(1.0, 440.0, 0), RATE)
+    soundfile.write(clips / "b.wav", clip(1.0, 660.0, 1), RATE)
+    output = tmp_path / "out.jsonl"
+    argv = ["--model", str(checkpoint), str(clips), "--output", str(output), *FAST]
+    assert infer_main(argv) == 0
+    first = _lines(output.read_text())
+    assert [r["audio_hash"] for r in first] == [audio_hash([str(clips / n)]) for n in ("a.wav", "b.wav")]
+    assert infer_main(argv) == 0 and _lines(output.read_text()) == first  # unchanged: nothing answered again
+
+    stat = (clips / "a.wav").stat()
+    soundfile.write(clips / "a.wav", clip(1.0, 220.0, 2), RATE)  # same name, size and time, other content
+    os.utime(clips / "a.wav", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    caplog.clear()
+    assert infer_main(argv) == 0
+    records = _lines(output.read_text())
+    assert [r["id"] for r in records] == [str(clips / "a.wav"), str(clips / "b.wav"), str(clips / "a.wav")]
+    assert records[2]["audio_hash"] == audio_hash([str(clips / "a.wav")]) != first[0]["audio_hash"]
+    assert "1 answered items have other audio content now (the file was replaced)" in caplog.text
+
+    # Records of earlier versions carry no hash: they are kept as they were kept then.
+    output.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "audio_hash"}) + "\n" for r in records))
+    soundfile.write(clips / "b.wav", clip(1.0, 330.0, 3), RATE)
+    before = output.read_text()
+    assert infer_main(argv) == 0 and output.read_text() == before
 
 
 def test_cli_stream_single_item(checkpoint, audio_tree, tmp_path, capsys):
