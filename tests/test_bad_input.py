@@ -1573,3 +1573,13 @@ def test_qa_demo_save_dir_never_replaces_a_users_files(tmp_path, caplog):
     assert f"--save_dir {str(folder)!r} is not empty and was not written by salmonn-demo" in caplog.text
     assert f"--save_dir {str(clip)!r} is a file, not a folder" in caplog.text
     assert [p.name for p in folder.iterdir()] == ["config.json"] and (folder / "config.json").read_text() == "my own config\n"
+
+
+@pytest.mark.parametrize("value,shown", [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0")])
+def test_qa_max_grad_norm_not_finite_or_negative_is_refused(train_setup, tmp_path, capsys, value, shown):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--max_grad_norm", value)) == 2
+    assert f"--max_grad_norm must be a finite number >= 0, got {shown}" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
