@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 
 from salmonn.conversion.beats import load_original_beats
 from salmonn.cli import setup_logging
-from salmonn.conversion.io_utils import atomic_output_dir, check_output_not_input
+from salmonn.conversion.io_utils import atomic_output_dir, check_output_dir, check_output_not_input
 from modeling_salmonn.modeling_beats import BEATS_NUM_MEL_BINS, BeatsModel
 
 
@@ -48,7 +48,10 @@ class ConvertBeatsArguments:
         metadata={"help": "Original BEATs checkpoint (.pt holding `cfg` and `model`), e.g. the SALMONN `beats_path`."}
     )
     output: str = field(metadata={"help": "Folder to write (config.json, model.safetensors and the remote code)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace `--output` if it already exists."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace `--output` if empty or an earlier output (it holds config.json); never another folder."},
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of the saved weights.", "choices": sorted(DTYPES)},
@@ -138,9 +141,8 @@ def convert_beats(
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output = Path(output)
     check_output_not_input(output, {"--beats": beats})
-    if output.exists() and not overwrite:
-        # Checked again when the folder is moved into place; failing here avoids reading a large checkpoint first.
-        raise FileExistsError(f"Output folder {output} already exists; pass --overwrite to replace it")
+    # Checked again when the folder is moved into place; failing here avoids reading a large checkpoint first.
+    check_output_dir(output, overwrite)
     config, state_dict = load_original_beats(beats)
     config.auto_map = dict(AUTO_MAP)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, WhisperConfig
 
 from salmonn.conversion.beats import load_original_beats
-from salmonn.conversion.io_utils import ShardWriter, atomic_output_dir, check_output_not_input, parse_size
+from salmonn.conversion.io_utils import ShardWriter, atomic_output_dir, check_output_dir, check_output_not_input, parse_size
 from salmonn.conversion.sources import iter_tensors, load_salmonn_checkpoint, resolve_folder, weight_files
 from modeling_salmonn import SalmonnConfig, SalmonnFeatureExtractor, SalmonnForConditionalGeneration, SalmonnProcessor
 from modeling_salmonn.modelcard_salmonn import AUTO_MAP, copy_remote_code, hub_id_of, license_for_llm, salmonn_model_card
@@ -116,7 +116,10 @@ class ConvertArguments:
             "choices": ["auto", "full", "structure"],
         },
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace --output if empty or an earlier output (it holds config.json); never another folder."},
+    )
     dry_run: bool = field(
         default=False,
         metadata={
@@ -445,8 +448,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
     if not args.dry_run:
         inputs = {"--salmonn-checkpoint": args.salmonn_checkpoint, "--whisper": args.whisper, "--beats": args.beats, "--llm": args.llm}
         check_output_not_input(args.output, inputs)
-        if Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(f"Output folder {args.output} already exists; pass --overwrite to replace it")
+        check_output_dir(args.output, args.overwrite)  # again when the folder is moved into place
     max_bytes = parse_size(args.max_shard_size)
     state, checkpoint_config = load_salmonn_checkpoint(args.salmonn_checkpoint)
     mapped, leaked = map_salmonn_keys(args.salmonn_checkpoint, state)

@@ -56,22 +56,43 @@ def remove_stale_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """
+    Refuses an output folder that may not be replaced as a whole. `overwrite` replaces only an empty folder or an
+    earlier output of these commands (every one of them, a model folder, holds a `config.json`): anything else may be a
+    user's own folder, whose files the replacement would delete.
+
+    Raises:
+        FileExistsError: naming the folder and what it holds.
+    """
+    output_dir = Path(output_dir).expanduser().absolute()
+    if not (output_dir.exists() or output_dir.is_symlink()):
+        return
+    if not output_dir.is_dir() or output_dir.is_symlink():
+        raise FileExistsError(f"Output path {output_dir} exists and is not a folder; refusing to replace it")
+    if not overwrite:
+        raise FileExistsError(f"Output folder {output_dir} already exists; pass --overwrite to replace it")
+    names = sorted(path.name for path in output_dir.iterdir())
+    if names and "config.json" not in names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(
+            f"Output folder {output_dir} holds {shown} but no config.json, so it is not an earlier output of this "
+            "command and --overwrite does not replace it; remove it or choose another folder"
+        )
+
+
 @contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """
     Yields an empty temporary folder next to `output_dir`; when the block completes without error the folder is
-    renamed to `output_dir`, otherwise it is removed. An existing `output_dir` is refused unless `overwrite`, in which
-    case it is replaced only once the new one is complete.
+    renamed to `output_dir`, otherwise it is removed. An existing `output_dir` is refused unless `overwrite` and
+    `check_output_dir` allows it, in which case it is replaced only once the new one is complete.
 
     Raises:
-        FileExistsError: `output_dir` exists and `overwrite` is false, or it exists and is not a folder.
+        FileExistsError: see `check_output_dir`; checked before anything is written and again before the rename.
     """
     output_dir = Path(output_dir).expanduser().absolute()
-    if output_dir.exists() or output_dir.is_symlink():
-        if not output_dir.is_dir() or output_dir.is_symlink():
-            raise FileExistsError(f"Output path {output_dir} exists and is not a folder; refusing to replace it")
-        if not overwrite:
-            raise FileExistsError(f"Output folder {output_dir} already exists; pass --overwrite to replace it")
+    check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -89,9 +110,8 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
                 os.chmod(os.path.join(root, name), 0o777 & ~umask)
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~umask)
-        if output_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"Output folder {output_dir} appeared while it was being written; not replaced")
+        if output_dir.exists() or output_dir.is_symlink():
+            check_output_dir(output_dir, overwrite)  # it may have appeared or changed while the new one was written
             # Move the old folder aside first so that a failed rename never loses both versions.
             old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             old_dir.rmdir()
@@ -140,7 +160,7 @@ def check_output_not_input(output: str | os.PathLike, inputs: dict[str, str | os
             )
 
 
-__all__ = ["atomic_output_dir", "check_output_not_input", "remove_stale_temporaries"]
+__all__ = ["atomic_output_dir", "check_output_dir", "check_output_not_input", "remove_stale_temporaries"]
 
 
 def parse_size(text: str) -> int:

@@ -1614,3 +1614,46 @@ def test_lora_scaling_outside_0_to_1000_is_refused(tiny, value):
         check_lora_scaling(value)
     assert model.lora_scaling == before
     assert check_lora_scaling(1000.0) == 1000.0
+
+
+# -- QA pass on issue 19: --overwrite replaces only an earlier output (a folder holding config.json) ----------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_qa_overwrite_never_replaces_a_users_folder_without_config_json(tmp_path, caplog, capsys):
+    from salmonn.conversion.convert_beats import main as beats_main
+    from salmonn.conversion.convert_salmonn import main as convert_main
+    from salmonn.training.build_demo_model import main as build_main
+    from salmonn.training.export import main as export_main
+    from tests.utils import FIXTURE_A, fixture_a_convert_args
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("four years of work\n")
+    before = _snapshot(tmp_path)
+    expected = (
+        f"Output folder {docs} holds thesis.txt but no config.json, so it is not an earlier output of this command and "
+        "--overwrite does not replace it; remove it or choose another folder"
+    )
+    with caplog.at_level(logging.ERROR):
+        assert convert_main(fixture_a_convert_args(docs, "--overwrite")) == 1
+        assert build_main(["--output_dir", str(docs), "--speech", "false"]) == 2  # its --overwrite is on by default
+        export = ["--model_name_or_path", str(tmp_path / "base"), "--export", str(tmp_path / "export.safetensors")]
+        assert export_main([*export, "--output_dir", str(docs), "--overwrite"]) == 2  # refused before loading them
+    assert caplog.text.count(expected) == 3
+    assert beats_main(["--beats", str(FIXTURE_A / "beats.pt"), "--output", str(docs), "--overwrite"]) == 1
+    assert f"salmonn-convert-beats: error: {expected}" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before  # byte-identical, and no temporary folder next to it
+
+
+@pytest.mark.parametrize("value,shown", [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0")])
+def test_qa_max_grad_norm_not_finite_or_negative_is_refused(train_setup, tmp_path, capsys, value, shown):
+    from salmonn.training.train import main
+
+    out = tmp_path / "out"
+    assert main(_train_args(train_setup, out, "--max_steps", "1", "--max_grad_norm", value)) == 2
+    assert f"--max_grad_norm must be a finite number >= 0, got {shown}" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))

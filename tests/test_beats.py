@@ -75,12 +75,13 @@ def feature_extractor():
 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory) -> Path:
-    """The fixture checkpoint converted by the CLI over a stale folder (so `--overwrite` is exercised too)."""
+    """The fixture checkpoint converted by the CLI over an earlier output (so `--overwrite` is exercised too)."""
     output = tmp_path_factory.mktemp("beats") / "beats-hf"
     output.mkdir()
+    (output / "config.json").write_text("{}")  # an earlier conversion's folder holds its config.json
     (output / "stale.txt").write_text("from an earlier conversion")
     assert convert_main(["--beats", str(BEATS_PT), "--output", str(output), "--overwrite"]) == 0
-    assert not (output / "stale.txt").exists()
+    assert not (output / "stale.txt").exists() and json.loads((output / "config.json").read_text())["auto_map"]
     return output
 
 
@@ -565,6 +566,7 @@ def test_atomic_output_dir(tmp_path):
 
     with atomic_output_dir(target) as work:
         assert work.parent == tmp_path and work != target and not target.exists()
+        (work / "config.json").write_text("first")
         (work / "a.txt").write_text("first")
     assert (target / "a.txt").read_text() == "first"
 
@@ -575,12 +577,27 @@ def test_atomic_output_dir(tmp_path):
         with atomic_output_dir(target, overwrite=True) as work:
             (work / "b.txt").write_text("second")
             raise RuntimeError("boom")
-    assert sorted(path.name for path in target.iterdir()) == ["a.txt"]
+    assert sorted(path.name for path in target.iterdir()) == ["a.txt", "config.json"]
 
     with atomic_output_dir(target, overwrite=True) as work:
         (work / "b.txt").write_text("second")
     assert sorted(path.name for path in target.iterdir()) == ["b.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["result"]
+
+    # Without config.json, "result" is no earlier output (as "b.txt" alone shows): refused before anything is written.
+    with pytest.raises(FileExistsError) as error:
+        with atomic_output_dir(target, overwrite=True):
+            raise AssertionError("the block must not run")
+    assert str(error.value) == (
+        f"Output folder {target} holds b.txt but no config.json, so it is not an earlier output of this command and "
+        "--overwrite does not replace it; remove it or choose another folder"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["result"]
+    assert (target / "b.txt").read_text() == "second"
+    target.joinpath("b.txt").unlink()
+    with atomic_output_dir(target, overwrite=True) as work:  # an empty folder holds nothing to lose
+        (work / "c.txt").write_text("third")
+    assert sorted(path.name for path in target.iterdir()) == ["c.txt"]
 
     (tmp_path / "file").write_text("")
     with pytest.raises(FileExistsError, match="not a folder"):

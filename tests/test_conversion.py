@@ -97,11 +97,12 @@ def test_shards_dtype_and_merged_lora(tmp_path):
 def test_existing_output_is_refused_and_overwrite_replaces(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("x")
+    (out / "config.json").write_text("{}")  # an earlier conversion's folder holds its config.json
+    (out / "stale.txt").write_text("x")
     assert convert_main(_args(out)) == 1
-    assert _leftovers(out) == ["keep.txt"]
+    assert _leftovers(out) == ["config.json", "stale.txt"]
     assert convert_main(_args(out, overwrite=True)) == 0
-    assert "keep.txt" not in _leftovers(out) and "config.json" in _leftovers(out)
+    assert "stale.txt" not in _leftovers(out) and "auto_map" in json.loads((out / "config.json").read_text())
 
 
 def _modified_checkpoint(tmp_path, edit):

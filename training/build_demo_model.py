@@ -225,13 +225,16 @@ class BuildArguments:
     learning_rate: float = field(default=5e-3, metadata={"help": "Peak learning rate of SALMONN training."})
     seed: int = field(default=0, metadata={"help": "Seed of the base model, the clips and training."})
     speech: bool = field(default=True, metadata={"help": "Also train the spoken-word class (needs espeak-ng)."})
-    overwrite: bool = field(default=True, metadata={"help": "Replace an existing output_dir."})
+    overwrite: bool = field(
+        default=True,
+        metadata={"help": "Replace output_dir if empty or an earlier output (it holds config.json); never another folder."},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModel, AutoProcessor, HfArgumentParser
 
-    from salmonn.conversion.io_utils import atomic_output_dir
+    from salmonn.conversion.io_utils import atomic_output_dir, check_output_dir
     from salmonn.inference.demo import synthesize_clip
 
     from .synthetic import available_classes, espeak_available
@@ -240,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
     if args.speech and not espeak_available():
         logger.error("The spoken-word class needs espeak-ng (apt-get install -y espeak-ng); or pass --speech false")
+        return 2
+    try:
+        check_output_dir(args.output_dir, args.overwrite)  # before training; again when the folder is moved into place
+    except FileExistsError as err:
+        logger.error("%s", err)
         return 2
     classes = available_classes(include_speech=args.speech)
 

@@ -159,9 +159,10 @@ def apply_export(base_model: str, export: str, output_dir: str, overwrite: bool 
     """A converted base folder (or Hub id) plus an export -> a complete folder for `AutoModel` / `AutoProcessor`."""
     from transformers import AutoModel, AutoProcessor
 
-    from salmonn.conversion.io_utils import atomic_output_dir
+    from salmonn.conversion.io_utils import atomic_output_dir, check_output_dir
 
     check_export_output(base_model, export, output_dir)
+    check_output_dir(output_dir, overwrite)  # before the model is loaded; again when the folder is moved into place
 
     model = AutoModel.from_pretrained(base_model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(base_model, trust_remote_code=True)
@@ -183,7 +184,11 @@ class ExportArguments:
     export: str = field(metadata={"help": f"The trainable-only export ({TRAINABLE_EXPORT_NAME} of a training run)."})
     output_dir: str = field(metadata={"help": "Where the complete model folder is written (not a folder of an input)."})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace an existing --output_dir.", "aliases": ["--overwrite"]}
+        default=False,
+        metadata={
+            "help": "Replace --output_dir if empty or an earlier output (it holds config.json); never another folder.",
+            "aliases": ["--overwrite"],
+        },
     )
     dtype: str = field(default="auto", metadata={"help": "dtype the base model is loaded (and saved) in."})
 

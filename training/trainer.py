@@ -98,7 +98,12 @@ class SalmonnTrainer(Trainer):
         self.record_data_order = record_data_order
         if checkpoint_trainable_only and self.args.load_best_model_at_end:
             raise ValueError("--checkpoint_trainable_only cannot be combined with --load_best_model_at_end")
-        for flag, value in (("--learning_rate", self.args.learning_rate), ("--warmup_start_lr", warmup_start_lr), ("--min_lr", min_lr)):
+        # --max_grad_norm 0 turns clipping off (as in Trainer); a negative one would too, silently, and NaN poisons every step.
+        checked = (
+            ("--learning_rate", self.args.learning_rate), ("--warmup_start_lr", warmup_start_lr), ("--min_lr", min_lr),
+            ("--max_grad_norm", self.args.max_grad_norm),
+        )
+        for flag, value in checked:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
         self._last_batch_ids = None
