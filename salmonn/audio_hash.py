@@ -6,6 +6,7 @@ resumed run answers again an item whose audio file was replaced under the same n
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 
 
@@ -18,12 +19,14 @@ def audio_hash(paths: Sequence[str]) -> str | None:
     """
     blake2b of the bytes of the audio files (several for a joined `expand_wav` item), read in 1 MiB blocks: a
     10-minute 16 kHz WAV (19 MB) takes about 20 ms once cached, a copy elsewhere hashes the same and a file
-    rewritten with the same size and time does not. None when a file cannot be read (its item fails as it is
-    answered).
+    rewritten with the same size and time does not. None when a file is not a regular file or cannot be read (its
+    item fails as it is answered).
     """
     digest = hashlib.blake2b(digest_size=16)
     try:
         for path in paths:
+            if not os.path.isfile(path):  # a pipe or device put in the file's place would block or never end
+                return None
             with open(path, "rb") as f:
                 size = 0
                 while block := f.read(_BLOCK):

@@ -1657,3 +1657,18 @@ def test_qa_max_grad_norm_not_finite_or_negative_is_refused(train_setup, tmp_pat
     assert main(_train_args(train_setup, out, "--max_steps", "1", "--max_grad_norm", value)) == 2
     assert f"--max_grad_norm must be a finite number >= 0, got {shown}" in capsys.readouterr().err
     assert not (out / "model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_audio_hash_of_a_pipe_in_the_files_place_returns_at_once(tmp_path):
+    import threading
+
+    from salmonn.audio_hash import audio_hash
+
+    pipe = tmp_path / "clip.wav"
+    os.mkfifo(pipe)  # an answered file replaced by a FIFO: opening it for reading would wait for a writer forever
+    result = []
+    worker = threading.Thread(target=lambda: result.append(audio_hash([str(pipe)])), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert result == [None]
+    assert audio_hash([str(_wav(tmp_path / "real.wav", 0.5))]).startswith("blake2b:")
