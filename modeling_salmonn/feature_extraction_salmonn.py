@@ -424,7 +424,9 @@ class SalmonnFeatureExtractor(SequenceFeatureExtractor):
         if audio.size == 0:
             raise ValueError(f"{name}: the audio is empty (shape {tuple(audio.shape)})")
         if audio.ndim == 2:
-            if audio.shape[1] > audio.shape[0]:
+            # More columns than rows reads as [channels, samples], unless the columns could be channels: a clip of a
+            # few frames ([1, 2]: one stereo frame) is [samples, channels] as documented.
+            if audio.shape[1] > audio.shape[0] and audio.shape[1] > MAX_CHANNELS:
                 raise ValueError(
                     f"{name}: 2-D audio must be [samples, channels], got shape {tuple(audio.shape)}, which has more "
                     "columns than rows and is probably [channels, samples]; transpose it (or pass a batch as a "

@@ -1672,3 +1672,13 @@ def test_audio_hash_of_a_pipe_in_the_files_place_returns_at_once(tmp_path):
     worker.join(timeout=10)
     assert result == [None]
     assert audio_hash([str(_wav(tmp_path / "real.wav", 0.5))]).startswith("blake2b:")
+
+
+def test_a_few_frames_of_stereo_are_samples_by_channels_not_transposed(tiny):
+    _, processor = tiny
+    prompt = processor.format_prompt("Describe.")
+    one_frame = processor(text=prompt, audio=np.array([[0.25, -0.5]]), sampling_rate=SR)  # one stereo frame
+    alone = processor(text=prompt, audio=np.array([0.25]), sampling_rate=SR)  # its channel 0
+    assert torch.equal(one_frame["input_features"], alone["input_features"])
+    with pytest.raises(ValueError, match=r"probably \[channels, samples\]; transpose it"):
+        processor(text=prompt, audio=np.zeros((2, 16000)), sampling_rate=SR)
