@@ -166,6 +166,7 @@ def convert_beats(
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
         ConvertBeatsArguments,
+        allow_abbrev=False,
         description="Convert an original BEATs checkpoint into a folder that AutoModel loads with trust_remote_code.",
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)

@@ -536,7 +536,7 @@ def convert_salmonn(args: ConvertArguments) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(ConvertArguments, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
     try:
         output = convert_salmonn(args)
     except (ValueError, FileExistsError) as err:

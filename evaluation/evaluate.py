@@ -393,8 +393,10 @@ def _answer(
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = HfArgumentParser((RunArguments, EvalArguments, DatasetArguments), prog="salmonn-eval")
-    run, args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((RunArguments, EvalArguments, DatasetArguments), prog="salmonn-eval", allow_abbrev=False)
+    run, args, data_args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if run.output_dir is None:
         run.output_dir = args.output
     elif args.output is not None:

@@ -88,7 +88,7 @@ def check_save_dir(save_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(DemoArguments, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
     if args.save_dir and args.model_name_or_path is None:
         try:
             check_save_dir(Path(args.save_dir))

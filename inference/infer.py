@@ -72,6 +72,7 @@ def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (RunArguments, InferArguments, DatasetArguments),
         prog="salmonn-infer",
+        allow_abbrev=False,
         formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0],
         epilog=(

@@ -340,7 +340,7 @@ def build_demo(model, processor, model_name: str | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = HfArgumentParser(WebArguments)
+    parser = HfArgumentParser(WebArguments, allow_abbrev=False)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
 
     try:

@@ -144,3 +144,39 @@ def test_eval_leaves_no_run_config_when_the_model_does_not_load(tmp_path, capsys
     assert exit_info.value.code == 2
     assert f"salmonn-eval: error: Cannot load --model_name_or_path {tmp_path / 'no-model'}" in capsys.readouterr().err
     assert not out.exists()
+
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("salmonn.inference.infer", ["--max_new", "2", "x.wav"], "salmonn-infer: error: unrecognized arguments: --max_new"),
+        (
+            "salmonn.evaluation.evaluate",
+            ["--max_new", "2", "--model_name_or_path", "m", "--test_file", "t.jsonl", "--output_dir", "o"],
+            "salmonn-eval: error: unrecognized arguments: --max_new 2",
+        ),
+        (
+            "salmonn.training.train",
+            ["--stage", "pretrain", "--model_name_or_path", "m", "--train_file", "t.json", "--output_dir", "o",
+             "--num_train", "1"],
+            "salmonn-train: error: Some specified arguments are not used by the HfArgumentParser: ['--num_train', '1']",
+        ),
+        (
+            "salmonn.conversion.convert_salmonn",
+            ["--salmonn-check", "a", "--whisper", "w", "--beats", "b", "--llm", "l", "--output", "o"],
+            "the following arguments are required: --salmonn_checkpoint/--salmonn-checkpoint",
+        ),
+    ],
+)
+def test_a_prefix_of_a_flag_is_not_taken_for_the_flag(module, argv, message, capsys, tmp_path, monkeypatch):
+    """A typo that happens to be a prefix (`--max_new` for --max_new_tokens) must not silently set that flag."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

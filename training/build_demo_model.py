@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from .synthetic import available_classes, espeak_available
 
     setup_logging()
-    (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(BuildArguments, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
     if args.speech and not espeak_available():
         logger.error("The spoken-word class needs espeak-ng (apt-get install -y espeak-ng); or pass --speech false")
         return 2

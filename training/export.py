@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(
         ExportArguments,
         prog="python -m salmonn.training.export",
+        allow_abbrev=False,
         description=f"Applies a {TRAINABLE_EXPORT_NAME} export to a converted SALMONN folder and writes the complete model.",
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)

@@ -293,7 +293,7 @@ def settle_training_length(layers: list[tuple[str, dict[str, Any]]]) -> None:
 def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    return HfArgumentParser((ModelArguments, DataArguments, SalmonnArguments, TrainingArguments))
+    return HfArgumentParser((ModelArguments, DataArguments, SalmonnArguments, TrainingArguments), allow_abbrev=False)
 
 
 def parse_arguments(argv: list[str] | None = None):
